@@ -1,0 +1,66 @@
+"""Settings and locations. Every tunable of a run lives in a dataclass here."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def data_dir() -> Path:
+    """Where the shared real data lives: ``$GEOSR_DATA``, else ``../shared/data`` beside the repository."""
+    env = os.environ.get("GEOSR_DATA")
+    return Path(env) if env else (_REPO_ROOT.parent / "shared" / "data")
+
+
+def cache_dir() -> Path:
+    """Where converted third-party weights are cached: ``$GEOSR_CACHE``, else ``~/.cache/geosr``."""
+    env = os.environ.get("GEOSR_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "geosr"
+
+
+def weights_dir() -> Path:
+    return cache_dir() / "weights"
+
+
+@dataclass
+class EnhanceConfig:
+    """Everything that decides what ``enhance`` produces. Recorded in the output's tags."""
+
+    model: str | None = None  # model name (see `geosr models`); None: the default model
+    scale: int = 4  # output px per input px, per axis
+    tile: int | None = None  # tile size in input px; None: the model's default
+    overlap: int | None = None  # overlap between tiles in input px; None: 4 x the model's receptive field
+    bands: tuple[int, ...] | None = None  # 1-based bands to process; None: all
+    nodata: float | None = None  # overrides the file's nodata value
+    cog: bool = False  # write a Cloud-Optimized GeoTIFF with overviews
+    overwrite: bool = False  # replace an existing output
+    device: str = "cpu"  # cpu, cuda or auto
+    threads: int | None = None  # torch threads; None: all cores
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if d["bands"] is not None:
+            d["bands"] = list(d["bands"])
+        return d
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "EnhanceConfig":
+        import yaml
+
+        raw = yaml.safe_load(text) or {}
+        unknown = set(raw) - {f.name for f in fields(cls)}
+        if unknown:
+            from .errors import ConfigError
+
+            raise ConfigError(f"unknown settings {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
+        if raw.get("bands") is not None:
+            raw["bands"] = tuple(raw["bands"])
+        return cls(**raw)

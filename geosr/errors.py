@@ -1,0 +1,21 @@
+"""Every error geosr raises on purpose: one base class, messages that say how to fix the problem."""
+
+
+class GeosrError(Exception):
+    """Base class: the CLI prints ``str(err)`` as one line and exits non-zero."""
+
+
+class InputError(GeosrError):
+    """The input raster is missing, unreadable or unsupported."""
+
+
+class OutputError(GeosrError):
+    """The output cannot be written where or how it was asked."""
+
+
+class ConfigError(GeosrError):
+    """A parameter (scale, tile, overlap, bands, ...) is out of range."""
+
+
+class WeightsError(GeosrError):
+    """Model weights are missing or cannot be fetched/converted."""

@@ -1,0 +1,255 @@
+"""Open a scene lazily and validate it; scene-wide radiometric statistics.
+
+The pixels stay on disk: :func:`open_scene` returns a :class:`Scene` whose ``data`` is a dask-backed
+``xarray.DataArray`` (rioxarray), and tiles are read from it window by window.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.enums import ColorInterp, Resampling
+
+from ..errors import InputError
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
+STATS_SAMPLE = 1024  # scene statistics come from a read decimated to at most this many px per side
+
+
+@dataclass(frozen=True)
+class BandScaling:
+    """Linear map from a band's values to the model's working range: ``(x - lo) / (hi - lo)``."""
+
+    lo: float
+    hi: float
+    fill: float  # value given to nodata pixels before the model sees them (scene-wide, so tiles agree)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.lo) / (self.hi - self.lo)
+
+    def inverse(self, y: np.ndarray) -> np.ndarray:
+        return y * (self.hi - self.lo) + self.lo
+
+
+@dataclass
+class Scene:
+    """A raster opened for enhancement. Georeferencing travels with it."""
+
+    path: Path | None  # None for in-memory arrays
+    data: "xarray.DataArray"  # (band, y, x), lazy, only the selected bands  # noqa: F821
+    bands: tuple[int, ...]  # 1-based band indexes selected in the file
+    dtype: str
+    crs: "rasterio.crs.CRS | None"
+    transform: Affine
+    nodata: float | None
+    descriptions: tuple[str | None, ...]
+    colorinterp: tuple[ColorInterp, ...]
+    georeferenced: bool
+    scaling: tuple[BandScaling, ...] = field(default=())
+    alpha: tuple[bool, ...] = field(default=())  # per selected band: a mask-like alpha band
+
+    @property
+    def height(self) -> int:
+        return int(self.data.shape[1])
+
+    @property
+    def width(self) -> int:
+        return int(self.data.shape[2])
+
+    @property
+    def count(self) -> int:
+        return int(self.data.shape[0])
+
+    @property
+    def gsd(self) -> tuple[float, float]:
+        return abs(self.transform.a) if self.transform.b == 0 else float(np.hypot(self.transform.a, self.transform.d)), \
+            abs(self.transform.e) if self.transform.d == 0 else float(np.hypot(self.transform.b, self.transform.e))
+
+    def read(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Read the pixels at ``rows x cols`` (scene indices, any order/repeats) as ``(band, len(rows), len(cols))``."""
+        r0, r1 = int(rows.min()), int(rows.max()) + 1
+        c0, c1 = int(cols.min()), int(cols.max()) + 1
+        try:
+            block = self.data[:, r0:r1, c0:c1].to_numpy()
+        except Exception as err:  # rasterio/GDAL errors on truncated or corrupt files surface here
+            raise InputError(f"{self.path}: cannot read pixels ({_one_line(err)}); the file may be truncated or corrupt") from err
+        return block[:, rows - r0][:, :, cols - c0]
+
+    def valid_mask(self, block: np.ndarray) -> np.ndarray:
+        """True where every band of ``block`` (band, y, x) holds data."""
+        valid = np.ones(block.shape[1:], dtype=bool)
+        if self.nodata is not None:
+            if np.isnan(self.nodata):
+                valid &= ~np.isnan(block).any(axis=0)
+            else:
+                valid &= ~(block == self.nodata).any(axis=0)
+        if block.dtype.kind == "f":
+            valid &= np.isfinite(block).all(axis=0)
+        return valid
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def open_scene(path, *, bands=None, nodata=None, chunks: int = 512) -> Scene:
+    """Open ``path`` lazily and validate it. Raises :class:`InputError` with a fix for anything unsupported."""
+    import rioxarray  # noqa: F401  (registers .rio)
+    import xarray as xr
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not a raster file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            with rasterio.open(path) as src:
+                profile = src.profile
+                count, dtypes = src.count, src.dtypes
+                crs, transform = src.crs, src.transform
+                file_nodata = src.nodata
+                descriptions, colorinterp = src.descriptions, src.colorinterp
+                has_gcps = bool(src.gcps[0])
+    except rasterio.errors.RasterioIOError as err:
+        raise InputError(f"{path}: not a readable raster ({_one_line(err)})") from err
+
+    if len(set(dtypes)) > 1:
+        raise InputError(f"{path}: bands have different data types {sorted(set(dtypes))}; convert to one type first")
+    dtype = dtypes[0]
+    if dtype.startswith("complex"):
+        raise InputError(f"{path}: complex data type {dtype} is not imagery geosr can enhance; take the amplitude first")
+    if dtype not in SUPPORTED_DTYPES:
+        raise InputError(f"{path}: unsupported data type {dtype}; supported: {', '.join(SUPPORTED_DTYPES)}")
+
+    selected = tuple(range(1, count + 1)) if bands is None else tuple(int(b) for b in bands)
+    bad = [b for b in selected if not 1 <= b <= count]
+    if bad or not selected:
+        raise InputError(f"{path}: --bands {list(selected)} out of range; the file has bands 1..{count}")
+
+    georeferenced = crs is not None
+    if not georeferenced:
+        if has_gcps:
+            raise InputError(f"{path}: georeferenced by ground control points only; warp it to a grid first (gdalwarp)")
+        warnings.warn(f"{path}: no CRS; the output will not be georeferenced either", stacklevel=2)
+        log.warning("%s has no CRS: output will carry no georeferencing", path)
+
+    nodata = file_nodata if nodata is None else float(nodata)
+    if nodata is not None and not np.isnan(nodata) and np.dtype(dtype).kind in "iu":
+        info = np.iinfo(dtype)
+        if not (info.min <= nodata <= info.max and float(nodata).is_integer()):
+            raise InputError(f"{path}: nodata {nodata} cannot occur in {dtype} data; pass a value in range with --nodata")
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            da = rioxarray.open_rasterio(path, chunks={"band": 1, "y": chunks, "x": chunks}, masked=False,
+                                         lock=True, parse_coordinates=transform.is_rectilinear)
+    except Exception as err:
+        raise InputError(f"{path}: not a readable raster ({_one_line(err)})") from err
+    if isinstance(da, (list, xr.Dataset)):
+        raise InputError(f"{path}: holds several subdatasets; open one of them explicitly")
+    da = da.isel(band=[b - 1 for b in selected])
+
+    scene = Scene(
+        path=path, data=da, bands=selected, dtype=dtype, crs=crs, transform=transform, nodata=nodata,
+        descriptions=tuple(descriptions[b - 1] for b in selected),
+        colorinterp=tuple(colorinterp[b - 1] for b in selected),
+        georeferenced=georeferenced,
+    )
+    scene.scaling, scene.alpha = _scene_statistics(scene, _read_sample(scene))
+    log.debug("opened %s: %s", path, profile)
+    return scene
+
+
+def _decimation(scene: Scene) -> int:
+    return max(1, int(np.ceil(max(scene.height, scene.width) / STATS_SAMPLE)))
+
+
+def _read_sample(scene: Scene) -> np.ndarray:
+    """A decimated read of the whole scene (GDAL takes it from overviews when the file has them)."""
+    f = _decimation(scene)
+    out_shape = (scene.count, -(-scene.height // f), -(-scene.width // f))
+    try:
+        with rasterio.open(scene.path) as src:
+            return src.read(list(scene.bands), out_shape=out_shape, resampling=Resampling.nearest)
+    except rasterio.errors.RasterioError as err:
+        raise InputError(f"{scene.path}: cannot read pixels ({_one_line(err)}); the file may be truncated or corrupt") from err
+
+
+def scene_from_array(array: np.ndarray, *, transform: Affine | None = None, crs=None, nodata: float | None = None,
+                     descriptions=None, colorinterp=None) -> Scene:
+    """Wrap an in-memory ``(band, y, x)`` array as a :class:`Scene` (same scaling rules as files)."""
+    import xarray as xr
+
+    array = np.asarray(array)
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3:
+        raise InputError(f"array must be (band, y, x), got shape {array.shape}")
+    dtype = str(array.dtype)
+    if dtype not in SUPPORTED_DTYPES:
+        raise InputError(f"unsupported data type {dtype}; supported: {', '.join(SUPPORTED_DTYPES)}")
+    n = array.shape[0]
+    scene = Scene(
+        path=None, data=xr.DataArray(array, dims=("band", "y", "x")), bands=tuple(range(1, n + 1)), dtype=dtype,
+        crs=crs, transform=transform or Affine.identity(), nodata=nodata,
+        descriptions=tuple(descriptions or (None,) * n),
+        colorinterp=tuple(colorinterp or (ColorInterp.undefined,) * n), georeferenced=crs is not None,
+    )
+    f = _decimation(scene)
+    scene.scaling, scene.alpha = _scene_statistics(scene, array[:, ::f, ::f])
+    return scene
+
+
+def _scene_statistics(scene: Scene, sample: np.ndarray) -> tuple[tuple[BandScaling, ...], tuple[bool, ...]]:
+    """Radiometric scaling once per scene, from a decimated sample of the whole scene.
+
+    8-bit data maps 0..255 to 0..1 exactly. Other types use the 0.1-99.9 percentiles of the valid pixels, shared
+    by the first three (colour) bands so colours keep their balance. Values outside that range are not clipped:
+    the map is linear and inverted exactly on write.
+    """
+    valid = scene.valid_mask(sample)
+
+    alpha = []
+    for b in range(scene.count):
+        values = sample[b][valid] if valid.any() else sample[b].ravel()
+        alpha.append(scene.colorinterp[b] == ColorInterp.alpha and np.unique(values).size <= 2)
+
+    def robust(values: np.ndarray) -> tuple[float, float]:
+        if values.size == 0:
+            return 0.0, 1.0
+        lo, hi = np.percentile(values.astype(np.float64), [0.1, 99.9])
+        if hi <= lo:
+            lo, hi = float(values.min()), float(values.max())
+        if hi <= lo:
+            hi = lo + 1.0
+        return float(lo), float(hi)
+
+    scalings = []
+    colour = [b for b in range(min(3, scene.count)) if not alpha[b]]
+    colour_range = None
+    if scene.dtype != "uint8" and len(colour) == 3:
+        colour_range = robust(np.concatenate([sample[b][valid] for b in colour]))
+    for b in range(scene.count):
+        values = sample[b][valid]
+        if scene.dtype == "uint8":
+            lo, hi = 0.0, 255.0
+        elif alpha[b]:  # replicated, never modelled: identity keeps it exact
+            lo, hi = 0.0, 1.0
+        elif b in colour and colour_range is not None:
+            lo, hi = colour_range
+        else:
+            lo, hi = robust(values)
+        fill = float(values.mean()) if values.size else lo
+        scalings.append(BandScaling(lo, hi, fill))
+    return tuple(scalings), tuple(alpha)

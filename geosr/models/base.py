@@ -1,0 +1,41 @@
+"""The one small interface every super-resolution model implements: a tile in, a tile out."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+
+class SRModel(ABC):
+    """A super-resolution model.
+
+    ``upscale`` takes ``(C, H, W)`` float32 in the model's working range (about 0..1; values outside are
+    allowed) and returns ``(C, H * scale, W * scale)`` float32 in the same range, unclipped.
+    """
+
+    name: str = ""
+    scales: tuple[int, ...] = ()  # integer factors the model supports
+    channels: int | None = 3  # channels it needs (3: RGB path); None: any count, band by band
+    receptive_field: int = 1  # input px beyond which an input change no longer moves an output px (effective)
+    default_tile: int = 256  # input px
+    description: str = ""
+
+    @abstractmethod
+    def upscale(self, x: np.ndarray, scale: int) -> np.ndarray: ...
+
+    def provenance(self) -> dict[str, str]:
+        """Where the weights come from (package, version, registry, sha256, ...); empty for weight-free models."""
+        return {}
+
+    def weights_present(self) -> bool:
+        return True
+
+    def prepare(self) -> None:
+        """Load weights (called once before the first tile); raise WeightsError with the fix if missing."""
+
+    def check_scale(self, scale: int) -> None:
+        from ..errors import ConfigError
+
+        if scale not in self.scales:
+            raise ConfigError(f"model '{self.name}' supports scale {', '.join(map(str, self.scales))}, not {scale}")

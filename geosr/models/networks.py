@@ -1,0 +1,81 @@
+"""Pretrained PyTorch networks behind the :class:`SRModel` interface, weights from the local cache."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from ..config import weights_dir
+from ..errors import WeightsError
+from .base import SRModel
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise WeightsError("--device cuda: no CUDA device is visible to torch; use --device cpu")
+    if device not in ("cpu", "cuda"):
+        raise WeightsError(f"--device {device}: choose cpu, cuda or auto")
+    return device
+
+
+class TorchSR(SRModel):
+    """A converted third-party network: ``module`` names the converter with ``fetch(dir)`` and ``load(path, device)``."""
+
+    channels = 3
+    scales = (4,)
+
+    def __init__(self, *, name: str, filename: str, module: str, receptive_field: int, default_tile: int,
+                 description: str, device: str = "cpu"):
+        self.name, self.filename, self.module = name, filename, module
+        self.receptive_field, self.default_tile, self.description = receptive_field, default_tile, description
+        self.device = device
+        self._net = None
+        self._lock = threading.Lock()
+
+    @property
+    def path(self) -> Path:
+        return weights_dir() / self.filename
+
+    def weights_present(self) -> bool:
+        return self.path.is_file()
+
+    def provenance(self) -> dict[str, str]:
+        if not self.weights_present():
+            return {}
+        from .sources import PROVENANCE_KEYS, read_provenance
+
+        meta = read_provenance(self.path)
+        return {k: meta[k] for k in PROVENANCE_KEYS if k in meta}
+
+    def fetch(self) -> Path:
+        return importlib.import_module(self.module).fetch(weights_dir())
+
+    def prepare(self) -> None:
+        with self._lock:
+            if self._net is not None:
+                return
+            if not self.weights_present():
+                raise WeightsError(f"model '{self.name}': weights not found at {self.path}; run 'geosr weights fetch'")
+            device = resolve_device(self.device)
+            self._net = importlib.import_module(self.module).load(self.path, device=device)
+            self._device = device
+            log.info("loaded %s from %s on %s", self.name, self.path, device)
+
+    def upscale(self, x: np.ndarray, scale: int) -> np.ndarray:
+        import torch
+
+        self.prepare()
+        with torch.inference_mode():
+            t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None].to(self._device)
+            y = self._net(t)[0]  # (3, sH, sW)
+        return y.float().cpu().numpy()

@@ -1,0 +1,275 @@
+"""``enhance_scene``: the single entry point every interface (CLI, accessor, QGIS) calls.
+
+Read scene -> cut tiles -> run the model -> blend -> write, streamed tile by tile:
+
+1. open the scene lazily and fix its radiometric scaling once (``io.read``);
+2. plan the tile grid (``tiling``);
+3. for each tile in raster order: read it with reflect padding, scale it, run the model band group by band
+   group, weight it by its blend weights;
+4. every output cell whose last contributing tile is done is converted back to the input's value range and
+   dtype, masked where the input was nodata, and handed to the writer, which writes full block rows
+   (``io.write``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import __version__
+from .config import EnhanceConfig
+from .errors import ConfigError, GeosrError
+from .io.read import Scene, open_scene
+from .models import get_model
+from .models.base import SRModel
+from .tiling import Tile, TileGrid, default_overlap, output_transform
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, str], None]
+
+
+class Cancelled(GeosrError):
+    """The caller's ``should_stop()`` returned True; nothing was written."""
+
+
+@dataclass
+class EnhanceResult:
+    path: Path | None
+    shape: tuple[int, int, int]  # (band, y, x) of the output
+    tiles: int
+    seconds: float
+    model_seconds: float  # time spent inside the model alone
+    config: EnhanceConfig
+    tags: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# planning
+
+
+def plan(scene_hw: tuple[int, int], model: SRModel, config: EnhanceConfig) -> TileGrid:
+    """The tile grid for a scene of ``(height, width)``, with defaults from the model's receptive field."""
+    model.check_scale(config.scale)
+    overlap = default_overlap(model.receptive_field) if config.overlap is None else int(config.overlap)
+    tile = model.default_tile if config.tile is None else int(config.tile)
+    if overlap < 0 or overlap % 2:
+        raise ConfigError(f"--overlap {overlap}: must be an even number >= 0")
+    if tile <= 2 * overlap:
+        raise ConfigError(f"--tile {tile}: must be larger than 2 x overlap ({2 * overlap}); use a bigger tile or a smaller overlap")
+    if overlap // 4 < model.receptive_field:
+        log.warning("overlap %d leaves a halo of %d px, under %s's receptive field (%d px): seams may show",
+                    overlap, overlap // 4, model.name, model.receptive_field)
+    h, w = scene_hw
+    return TileGrid.for_scene(h, w, tile=tile, overlap=overlap, scale=config.scale)
+
+
+def band_groups(model: SRModel, alpha: tuple[bool, ...]) -> list[tuple[list[int], str]]:
+    """How bands reach the model: ``[(band indexes, mode)]`` with mode ``model``, ``single`` or ``nearest``.
+
+    - alpha (mask) bands are replicated, never modelled;
+    - a model that takes any channel count gets all other bands at once;
+    - a 3-channel (RGB) model gets the first three other bands as RGB; every further band, and every band of a
+      1- or 2-band scene, goes through it alone: repeated to 3 channels, and the output channels averaged.
+    """
+    regular = [b for b, a in enumerate(alpha) if not a]
+    groups: list[tuple[list[int], str]] = [([b], "nearest") for b, a in enumerate(alpha) if a]
+    if not regular:
+        return groups
+    if model.channels is None:
+        groups.append((regular, "model"))
+    elif model.channels == 3 and len(regular) >= 3:
+        groups.append((regular[:3], "model"))
+        groups.extend(([b], "single") for b in regular[3:])
+    else:
+        groups.extend(([b], "single") for b in regular)
+    return sorted(groups, key=lambda g: g[0][0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the tile loop (no file I/O: reads through ``scene.read``, writes through ``put``)
+
+
+def _run_model(model: SRModel, x: np.ndarray, groups, scale: int) -> np.ndarray:
+    """``(C, T, T)`` float32 -> ``(C, sT, sT)`` float32 by band groups."""
+    from .models.resample import Replicate
+
+    out = np.empty((x.shape[0], x.shape[1] * scale, x.shape[2] * scale), dtype=np.float32)
+    for bands, mode in groups:
+        if mode == "nearest":
+            out[bands] = Replicate().upscale(x[bands], scale)
+        elif mode == "model":
+            out[bands] = model.upscale(x[bands], scale)
+        else:
+            rgb = np.repeat(x[bands], 3, axis=0) if model.channels == 3 else x[bands]
+            out[bands] = model.upscale(rgb, scale).mean(axis=0, keepdims=True)
+    return out
+
+
+def _read_tile(scene: Scene, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
+    """The tile, scaled to the model's range, nodata filled; and its validity mask ``(T, T)``."""
+    raw = scene.read(tile.source_rows(scene.height), tile.source_cols(scene.width))
+    valid = scene.valid_mask(raw)
+    x = np.empty(raw.shape, dtype=np.float32)
+    for b, sc in enumerate(scene.scaling):
+        band = raw[b].astype(np.float64)
+        if not valid.all():
+            band[~valid] = sc.fill
+        x[b] = sc.forward(band)
+    return x, valid
+
+
+def _to_dtype(scene: Scene, values: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+    """Model range -> the input's value range and dtype; nodata where the input was nodata."""
+    out = np.empty(values.shape, dtype=scene.dtype)
+    kind = np.dtype(scene.dtype).kind
+    for b, sc in enumerate(scene.scaling):
+        v = sc.inverse(values[b].astype(np.float64))
+        if kind in "iu":
+            info = np.iinfo(scene.dtype)
+            v = np.clip(np.rint(v), info.min, info.max)
+        out[b] = v
+    fill = scene.nodata if scene.nodata is not None else (np.nan if kind == "f" else None)
+    if valid is not None and fill is not None and not valid.all():
+        out[:, ~valid] = fill
+    return out
+
+
+def run_tiles(scene: Scene, model: SRModel, grid: TileGrid, put: Callable[[int, int, np.ndarray], None], *,
+              progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> float:
+    """Enhance ``scene`` tile by tile, calling ``put(y0, x0, block)`` once per finished output cell.
+
+    Returns the seconds spent in the model.
+    """
+    s = grid.rows.scale
+    groups = band_groups(model, scene.alpha)
+    cells = grid.cells_by_tile()
+    row_segs = {i: [seg for seg in grid.rows.segments if i in seg[2]] for i in range(len(grid.rows))}
+    col_segs = {j: [seg for seg in grid.cols.segments if j in seg[2]] for j in range(len(grid.cols))}
+    pending: dict[tuple[int, int], np.ndarray] = {}  # partly blended cells, float64 (C, h, w)
+    has_nodata = scene.nodata is not None or np.dtype(scene.dtype).kind == "f"
+    model_seconds = 0.0
+    total = len(grid)
+    for k, tile in enumerate(grid.tiles()):
+        if should_stop is not None and should_stop():
+            raise Cancelled("cancelled")
+        x, valid = _read_tile(scene, tile)
+        t0 = time.perf_counter()
+        y = _run_model(model, x, groups, s)  # (C, sT, sT)
+        model_seconds += time.perf_counter() - t0
+        valid_out = np.repeat(np.repeat(valid, s, 0), s, 1) if has_nodata else None
+        oy, ox = grid.out_origin(tile)
+        wy, wx = grid.rows.weights(tile.row), grid.cols.weights(tile.col)
+        finishing = {(c.y0, c.x0) for c in cells.get((tile.row, tile.col), ())}
+        for ya, yb, ycover in row_segs[tile.row]:
+            for xa, xb, xcover in col_segs[tile.col]:
+                part = y[:, ya - oy:yb - oy, xa - ox:xb - ox]
+                key = (ya, xa)
+                if len(ycover) == 1 and len(xcover) == 1:
+                    value = part.astype(np.float64)
+                else:
+                    w = np.outer(wy[ya - oy:yb - oy], wx[xa - ox:xb - ox])
+                    acc = pending.get(key)
+                    if acc is None:
+                        acc = pending[key] = np.zeros(part.shape, dtype=np.float64)
+                    acc += part * w
+                    if key not in finishing:
+                        continue
+                    value = pending.pop(key)
+                mask = valid_out[ya - oy:yb - oy, xa - ox:xb - ox] if valid_out is not None else None
+                put(ya, xa, _to_dtype(scene, value, mask))
+        if progress is not None:
+            progress(k + 1, total, f"tile {k + 1}/{total}")
+    if pending:  # a planning bug, never a user error
+        raise RuntimeError(f"{len(pending)} output cells were never completed")
+    return model_seconds
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# entry points
+
+
+def _set_threads(config: EnhanceConfig) -> None:
+    import torch
+
+    n = config.threads or os.cpu_count() or 1
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def output_tags(model: SRModel, config: EnhanceConfig, src: Path | None) -> dict[str, str]:
+    prov = model.provenance()
+    source = f"{prov['package']}=={prov['version']} ({prov['registry']}, sha256 {prov['sha256'][:16]})" if prov else "none (no weights)"
+    params = config.to_dict() | {"model": model.name}
+    return {
+        "GEOSR_VERSION": __version__,
+        "GEOSR_MODEL": model.name,
+        "GEOSR_WEIGHTS_SOURCE": source,
+        "GEOSR_PARAMETERS": json.dumps(params, sort_keys=True),
+        "GEOSR_INPUT": src.name if src is not None else "",
+    }
+
+
+def enhance_scene(src, dst, config: EnhanceConfig | None = None, *, progress: Progress | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> EnhanceResult:
+    """Enhance the raster at ``src`` and write a georeferenced GeoTIFF (or COG) at ``dst``.
+
+    The output keeps the input's CRS, dtype, nodata footprint, band descriptions and colour interpretation; its
+    transform is the input's times ``Affine.scale(1 / scale)``. ``dst`` appears only when complete.
+    """
+    import rasterio
+
+    from .io.write import BlockRowWriter, atomic_output, check_output_path, set_band_metadata, tagged_profile
+
+    config = config or EnhanceConfig()
+    src, dst = Path(src), Path(dst)
+    t_start = time.perf_counter()
+    check_output_path(src, dst, overwrite=config.overwrite)
+    scene = open_scene(src, bands=config.bands, nodata=config.nodata)
+    model = get_model(config.model, device=config.device)
+    grid = plan((scene.height, scene.width), model, config)
+    model.prepare()
+    _set_threads(config)
+    out_h, out_w = grid.out_shape
+    tags = output_tags(model, config, src)
+    profile = tagged_profile(height=out_h, width=out_w, count=scene.count, dtype=scene.dtype,
+                             crs=scene.crs, transform=output_transform(scene.transform, config.scale) if scene.georeferenced else None,
+                             nodata=scene.nodata, cog=config.cog)
+    log.info("enhancing %s (%dx%d, %d bands) x%d with %s in %d tiles", src, scene.width, scene.height, scene.count,
+             config.scale, model.name, len(grid))
+    with atomic_output(dst, overwrite=config.overwrite, cog=config.cog) as tmp:
+        with rasterio.open(tmp, "w", **profile) as ds:
+            set_band_metadata(ds, descriptions=scene.descriptions, colorinterp=scene.colorinterp, tags=tags)
+            writer = BlockRowWriter(ds, dtype=scene.dtype)
+            model_seconds = run_tiles(scene, model, grid, writer.put, progress=progress, should_stop=should_stop)
+            if writer.pending:
+                raise RuntimeError("output rows left unwritten")
+    return EnhanceResult(path=dst, shape=(scene.count, out_h, out_w), tiles=len(grid),
+                         seconds=time.perf_counter() - t_start, model_seconds=model_seconds, config=config, tags=tags)
+
+
+def enhance_array(array: np.ndarray, config: EnhanceConfig | None = None, *, nodata=None,
+                  progress: Progress | None = None) -> np.ndarray:
+    """Enhance an in-memory ``(band, y, x)`` (or ``(y, x)``) array with the same tiling as files."""
+    from .io.read import scene_from_array
+
+    config = config or EnhanceConfig()
+    scene = scene_from_array(array, nodata=nodata if nodata is not None else config.nodata)
+    model = get_model(config.model, device=config.device)
+    grid = plan((scene.height, scene.width), model, config)
+    model.prepare()
+    _set_threads(config)
+    out = np.empty((scene.count, *grid.out_shape), dtype=scene.dtype)
+
+    def put(y0, x0, block):
+        out[:, y0:y0 + block.shape[1], x0:x0 + block.shape[2]] = block
+
+    run_tiles(scene, model, grid, put, progress=progress)
+    return out if np.ndim(array) == 3 else out[0]
