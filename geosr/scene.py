@@ -255,14 +255,17 @@ def enhance_scene(src, dst, config: EnhanceConfig | None = None, *, progress: Pr
                          seconds=time.perf_counter() - t_start, model_seconds=model_seconds, config=config, tags=tags)
 
 
-def enhance_array(array: np.ndarray, config: EnhanceConfig | None = None, *, nodata=None,
+def enhance_array(array: np.ndarray, config: EnhanceConfig | None = None, *, nodata=None, model: SRModel | None = None,
                   progress: Progress | None = None) -> np.ndarray:
-    """Enhance an in-memory ``(band, y, x)`` (or ``(y, x)``) array with the same tiling as files."""
+    """Enhance an in-memory ``(band, y, x)`` (or ``(y, x)``) array with the same tiling as files.
+
+    ``model`` overrides ``config.model`` with a model object (e.g. one built in a test).
+    """
     from .io.read import scene_from_array
 
     config = config or EnhanceConfig()
     scene = scene_from_array(array, nodata=nodata if nodata is not None else config.nodata)
-    model = get_model(config.model, device=config.device)
+    model = model or get_model(config.model, device=config.device)
     grid = plan((scene.height, scene.width), model, config)
     model.prepare()
     _set_threads(config)

@@ -203,4 +203,4 @@ class TileGrid:
 
 def output_transform(transform: Affine, scale: int) -> Affine:
     """The input transform refined by ``scale``: same corners, pixels ``scale`` times smaller."""
-    return transform * Affine.scale(1.0 / scale)
+    return transform @ Affine.scale(1.0 / scale)

