@@ -137,6 +137,13 @@ def _to_dtype(scene: Scene, values: np.ndarray, valid: np.ndarray | None) -> np.
             v = np.clip(np.rint(v), info.min, info.max)
         out[b] = v
     fill = scene.nodata if scene.nodata is not None else (np.nan if kind == "f" else None)
+    if valid is not None and fill is not None and not np.isnan(fill):
+        # a valid pixel that came out as nodata in every band would punch a hole in the footprint: nudge it
+        hole = valid & (out == fill).all(axis=0)
+        if hole.any():
+            top = np.iinfo(out.dtype).max if kind in "iu" else np.inf
+            out[0][hole] = np.nextafter(out.dtype.type(fill), out.dtype.type(top)) if kind == "f" else (
+                fill + 1 if fill < top else fill - 1)
     if valid is not None and fill is not None and not valid.all():
         out[:, ~valid] = fill
     return out

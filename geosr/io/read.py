@@ -84,16 +84,13 @@ class Scene:
         return block[:, rows - r0][:, :, cols - c0]
 
     def valid_mask(self, block: np.ndarray) -> np.ndarray:
-        """True where every band of ``block`` (band, y, x) holds data."""
-        valid = np.ones(block.shape[1:], dtype=bool)
+        """False where the pixel is outside the footprint: every band equal to nodata (or not finite)."""
+        invalid = np.zeros(block.shape[1:], dtype=bool)
         if self.nodata is not None:
-            if np.isnan(self.nodata):
-                valid &= ~np.isnan(block).any(axis=0)
-            else:
-                valid &= ~(block == self.nodata).any(axis=0)
+            invalid |= np.isnan(block).all(axis=0) if np.isnan(self.nodata) else (block == self.nodata).all(axis=0)
         if block.dtype.kind == "f":
-            valid &= np.isfinite(block).all(axis=0)
-        return valid
+            invalid |= ~np.isfinite(block).all(axis=0)
+        return ~invalid
 
 
 def _one_line(err: BaseException) -> str:
