@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -92,11 +94,10 @@ def _cmd_enhance(args) -> int:
     if not args.quiet:
         from tqdm import tqdm
 
-        bar = tqdm(total=0, unit="tile", desc=f"geosr x{config.scale}", file=sys.stderr, dynamic_ncols=True)
-
         def progress(done, total, message):
-            if bar.total != total:
-                bar.reset(total=total)
+            nonlocal bar
+            if bar is None:  # created on the first tile, so errors before it print alone
+                bar = tqdm(total=total, unit="tile", desc=f"geosr x{config.scale}", file=sys.stderr, dynamic_ncols=True)
             bar.n = done
             bar.refresh()
     try:
@@ -160,6 +161,34 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Send C libraries' direct writes to fd 2 (libtiff's "_tiffWriteProc: ...") to /dev/null.
+
+    Python's own stderr (progress bar, our one-line errors, tracebacks of real bugs) keeps the terminal: it is
+    re-pointed at a duplicate of the original fd 2. The same errors still reach us as Python exceptions.
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    old_stderr = sys.stderr
+    sys.stderr = os.fdopen(saved, "w", buffering=1, encoding=getattr(old_stderr, "encoding", None) or "utf-8",
+                           errors="replace")
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        sys.stderr.close()
+        sys.stderr = old_stderr
+
+
 COMMANDS = {"enhance": _cmd_enhance, "info": _cmd_info, "models": _cmd_models, "weights": _cmd_weights,
             "bench": _cmd_bench}
 
@@ -172,7 +201,8 @@ def main(argv=None) -> int:
         warnings.filterwarnings("ignore", category=UserWarning, module="pyproj")
     warnings.showwarning = lambda message, *a, **k: print(f"geosr: warning: {message}", file=sys.stderr)
     try:
-        return COMMANDS[args.command](args)
+        with contextlib.nullcontext() if args.verbose else _quiet_native_stderr():
+            return COMMANDS[args.command](args)
     except GeosrError as err:
         print(f"geosr: error: {err}", file=sys.stderr)
         return 1

@@ -105,10 +105,12 @@ def atomic_output(dst: Path, *, overwrite: bool, cog: bool):
         if dst.exists() and not overwrite:  # appeared while we worked: still never clobber
             raise OutputError(f"{dst}: appeared while enhancing; pass --overwrite to replace it")
         os.replace(tmp, dst)
+    except rasterio.errors.RasterioError as err:
+        cause = err.__cause__ or err
+        raise OutputError(f"{dst}: write failed ({' '.join(str(cause).split())}); is the disk full? "
+                          "nothing was left behind") from err
     except OSError as err:
         raise OutputError(f"{dst}: write failed ({err.strerror or err}); nothing was left behind") from err
-    except rasterio.errors.RasterioError as err:
-        raise OutputError(f"{dst}: write failed ({' '.join(str(err).split())}); nothing was left behind") from err
     finally:
         for p in (tmp, *extra):
             try:
