@@ -43,6 +43,7 @@ def tagged_profile(*, height, width, count, dtype, crs, transform, nodata, cog: 
         driver="GTiff", height=height, width=width, count=count, dtype=dtype,
         tiled=True, blockxsize=BLOCK, blockysize=BLOCK, compress="deflate",
         predictor=3 if np.dtype(dtype).kind == "f" else 2, bigtiff="if_safer", interleave="pixel",
+        num_threads="all_cpus",  # GDAL compresses blocks in parallel
     )
     if crs is not None:
         profile.update(crs=crs, transform=transform)

