@@ -217,3 +217,65 @@ def test_complex_dtype_refused(make_tif):
     src = make_tif(np.ones((1, 8, 8), dtype=np.complex64))
     with pytest.raises(InputError, match="complex"):
         open_scene(src)
+
+
+class RGBOnly:
+    """A stand-in 3-channel model that records what it was given (x4, adds 0.1 so its effect is visible)."""
+
+    name, channels, scales, receptive_field, default_tile = "rgb-only", 3, (4,), 1, 64
+
+    def __init__(self):
+        self.calls = []
+
+    def check_scale(self, scale):
+        assert scale in self.scales
+
+    def prepare(self):
+        pass
+
+    def upscale(self, x, scale):
+        assert x.shape[0] == 3, x.shape
+        self.calls.append(x.copy())
+        return np.repeat(np.repeat(x, scale, 1), scale, 2) + 0.1
+
+
+@pytest.mark.parametrize("bands", [1, 4])
+def test_band_rule_end_to_end_with_an_rgb_model(bands):
+    from geosr.scene import enhance_array
+
+    arr = texture((bands, 20, 24), dtype="float32", hi=1.0)
+    model = RGBOnly()
+    out = enhance_array(arr, EnhanceConfig(scale=4, tile=64, overlap=4), model=model)
+    assert out.shape == (bands, 80, 96)
+    n_single = sum(np.array_equal(x[0], x[1]) and np.array_equal(x[1], x[2]) for x in model.calls)
+    if bands == 1:  # the lone band, repeated to RGB, in every call
+        assert n_single == len(model.calls) > 0
+    else:  # per tile: one RGB call with bands 1-3, one single-band call for band 4
+        assert 2 * n_single == len(model.calls) > 0
+    # every band was modelled: the model's +0.1 shows in every band (in input units)
+    scale_span = arr.max() - arr.min()
+    assert np.all(np.abs(out - np.repeat(np.repeat(arr, 4, 1), 4, 2) - 0.1 * scale_span) < 0.02 * scale_span + 1e-6)
+
+
+def test_scene_smaller_than_one_tile(make_tif, tmp_path):
+    arr = texture((3, 5, 7))
+    src = make_tif(arr)
+    out = tmp_path / "tiny.tif"
+    enhance_scene(src, out, EnhanceConfig(model="bicubic", scale=4))
+    with rasterio.open(out) as b:
+        assert (b.width, b.height) == (28, 20)
+        assert abs(float(b.read().mean()) - float(arr.mean())) < 3
+
+
+def test_should_stop_cancels_and_leaves_nothing(make_tif, tmp_path):
+    from geosr.scene import Cancelled
+
+    src = make_tif(texture((3, 64, 64)))
+    out = tmp_path / "out.tif"
+    seen = []
+    with pytest.raises(Cancelled):
+        enhance_scene(src, out, EnhanceConfig(model="bicubic", scale=2, tile=24, overlap=8),
+                      progress=lambda d, t, m: seen.append((d, t)), should_stop=lambda: len(seen) >= 2)
+    total = seen[0][1]
+    assert seen == [(1, total), (2, total)] and total > 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [src.name]
