@@ -233,7 +233,7 @@ def enhance_scene(src, dst, config: EnhanceConfig | None = None, *, progress: Pr
     """
     import rasterio
 
-    from .io.write import BlockRowWriter, atomic_output, check_output_path, set_band_metadata, tagged_profile
+    from .io.write import BlockWriter, atomic_output, check_output_path, set_band_metadata, tagged_profile
 
     config = config or EnhanceConfig()
     src, dst = Path(src), Path(dst)
@@ -254,7 +254,7 @@ def enhance_scene(src, dst, config: EnhanceConfig | None = None, *, progress: Pr
     with atomic_output(dst, overwrite=config.overwrite, cog=config.cog) as tmp:
         with rasterio.open(tmp, "w", **profile) as ds:
             set_band_metadata(ds, descriptions=scene.descriptions, colorinterp=scene.colorinterp, tags=tags)
-            writer = BlockRowWriter(ds, dtype=scene.dtype)
+            writer = BlockWriter(ds, dtype=scene.dtype)
             model_seconds = run_tiles(scene, model, grid, writer.put, progress=progress, should_stop=should_stop)
             if writer.pending:
                 raise RuntimeError("output rows left unwritten")

@@ -19,7 +19,7 @@ from ..errors import OutputError
 
 log = logging.getLogger(__name__)
 
-BLOCK = 256  # output GeoTIFF block size; writes are whole block rows
+BLOCK = 256  # output GeoTIFF block size; every write is one whole block
 
 
 def check_output_path(src: Path, dst: Path, *, overwrite: bool) -> None:
@@ -52,42 +52,50 @@ def tagged_profile(*, height, width, count, dtype, crs, transform, nodata, cog: 
     return profile
 
 
-class BlockRowWriter:
-    """Collects finished output rectangles and writes each full-width row of blocks as soon as it is complete.
+class BlockWriter:
+    """Collects finished output rectangles and writes each ``BLOCK`` x ``BLOCK`` block of the GeoTIFF as soon as
+    it is complete, as one aligned window (so GDAL compresses it once and never rewrites it).
 
-    Memory holds at most the block rows that are partly finished, never the scene.
+    Memory holds only the blocks that are partly finished (about one row of blocks), never the scene.
     """
 
     def __init__(self, dataset, *, dtype):
         self.ds = dataset
         self.dtype = np.dtype(dtype)
         self.height, self.width, self.count = dataset.height, dataset.width, dataset.count
-        self._rows: dict[int, np.ndarray] = {}
-        self._filled: dict[int, int] = {}
+        self._blocks: dict[tuple[int, int], np.ndarray] = {}
+        self._filled: dict[tuple[int, int], int] = {}
 
-    def put(self, y0: int, x0: int, block: np.ndarray) -> None:
-        """Place ``block`` (band, h, w), already in the output dtype, at output px ``(y0, x0)``."""
-        h, w = block.shape[1:]
-        y = y0
-        while y < y0 + h:
-            k = y // BLOCK
-            top = k * BLOCK
-            bottom = min(top + BLOCK, self.height)
-            y_end = min(y0 + h, bottom)
-            buf = self._rows.get(k)
-            if buf is None:
-                buf = self._rows[k] = np.empty((self.count, bottom - top, self.width), dtype=self.dtype)
-                self._filled[k] = 0
-            buf[:, y - top:y_end - top, x0:x0 + w] = block[:, y - y0:y_end - y0]
-            self._filled[k] += (y_end - y) * w
-            if self._filled[k] == buf.shape[1] * self.width:
-                self.ds.write(buf, window=rasterio.windows.Window(0, top, self.width, bottom - top))
-                del self._rows[k], self._filled[k]
-            y = y_end
+    def _window(self, by: int, bx: int) -> rasterio.windows.Window:
+        y, x = by * BLOCK, bx * BLOCK
+        return rasterio.windows.Window(x, y, min(BLOCK, self.width - x), min(BLOCK, self.height - y))
+
+    def put(self, y0: int, x0: int, data: np.ndarray) -> None:
+        """Place ``data`` (band, h, w), already in the output dtype, at output px ``(y0, x0)``."""
+        h, w = data.shape[1:]
+        for by in range(y0 // BLOCK, (y0 + h - 1) // BLOCK + 1):
+            for bx in range(x0 // BLOCK, (x0 + w - 1) // BLOCK + 1):
+                win = self._window(by, bx)
+                ya, yb = max(y0, win.row_off), min(y0 + h, win.row_off + win.height)
+                xa, xb = max(x0, win.col_off), min(x0 + w, win.col_off + win.width)
+                part = data[:, ya - y0:yb - y0, xa - x0:xb - x0]
+                if part.shape[1:] == (win.height, win.width):  # the whole block at once
+                    self.ds.write(part, window=win)
+                    continue
+                key = (by, bx)
+                buf = self._blocks.get(key)
+                if buf is None:
+                    buf = self._blocks[key] = np.empty((self.count, win.height, win.width), dtype=self.dtype)
+                    self._filled[key] = 0
+                buf[:, ya - win.row_off:yb - win.row_off, xa - win.col_off:xb - win.col_off] = part
+                self._filled[key] += (yb - ya) * (xb - xa)
+                if self._filled[key] == win.height * win.width:
+                    self.ds.write(buf, window=win)
+                    del self._blocks[key], self._filled[key]
 
     @property
     def pending(self) -> int:
-        return len(self._rows)
+        return len(self._blocks)
 
 
 @contextmanager

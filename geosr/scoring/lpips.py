@@ -160,8 +160,8 @@ def _to_tensor(img: np.ndarray, name: str) -> torch.Tensor:
     img = np.asarray(img)
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"lpips_distance: {name} must be an HxWx3 uint8 array, got {img.shape} {img.dtype}")
-    t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
-    return t / 127.5 - 1.0
+    chw = np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32)  # a fresh, writable NCHW copy
+    return torch.from_numpy(chw)[None] / 127.5 - 1.0
 
 
 def lpips_distance(a: np.ndarray, b: np.ndarray, net: str = "alex", weights: Path | None = None) -> float:
