@@ -18,7 +18,7 @@ from pathlib import Path
 from geosr.config import EnhanceConfig, data_dir
 from geosr.io.read import open_scene
 from geosr.models import get_model
-from geosr.scene import _read_tile, _run_model, _set_threads, band_groups, enhance_scene, plan
+from geosr.scene import _read_tile, _run_model, _set_threads, band_groups, edge_mode, enhance_scene, plan
 
 
 def model_only(scene_path: Path, config: EnhanceConfig) -> tuple[float, int]:
@@ -28,7 +28,7 @@ def model_only(scene_path: Path, config: EnhanceConfig) -> tuple[float, int]:
     model.prepare()
     _set_threads(config)
     groups = band_groups(model, scene.alpha)
-    tiles = [_read_tile(scene, t)[0] for t in grid.tiles()]
+    tiles = [_read_tile(scene, t, edge_mode(model, config))[0] for t in grid.tiles()]
     t0 = time.perf_counter()
     for x in tiles:
         _run_model(model, x, groups, config.scale)

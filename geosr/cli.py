@@ -26,6 +26,8 @@ def _add_tiling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", "-s", type=int, default=None, help="integer scale factor (default 4)")
     p.add_argument("--tile", type=int, default=None, help="tile size in input px (default: the model's)")
     p.add_argument("--overlap", type=int, default=None, help="tile overlap in input px (default: 4 x receptive field)")
+    p.add_argument("--edge", default=None, choices=["reflect", "cut"],
+                   help="scene edges: reflect-pad tiles, or cut them so the model sees the edge (default: the model's)")
     p.add_argument("--bands", type=_bands, default=None, help="bands to process, 1-based, e.g. 1,2,3")
     p.add_argument("--nodata", type=float, default=None, help="nodata value (default: the file's)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda", "auto"], help="where the model runs")

@@ -33,6 +33,7 @@ class EnhanceConfig:
     scale: int = 4  # output px per input px, per axis
     tile: int | None = None  # tile size in input px; None: the model's default
     overlap: int | None = None  # overlap between tiles in input px; None: 4 x the model's receptive field
+    edge: str | None = None  # scene edges: "reflect" (pad) or "cut" (model sees the edge); None: the model's choice
     bands: tuple[int, ...] | None = None  # 1-based bands to process; None: all
     nodata: float | None = None  # overrides the file's nodata value
     cog: bool = False  # write a Cloud-Optimized GeoTIFF with overviews

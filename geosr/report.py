@@ -28,10 +28,10 @@ def scene_info(path, config: EnhanceConfig) -> list[str]:
     tile = grid.rows.tile
     in_px = len(grid) * tile * tile * passes
     itemsize = np.dtype(scene.dtype).itemsize
-    # memory: block rows being filled + blended overlap cells + one tile's arrays in and out
+    # memory: ~2 rows of partly written blocks + the overlap strip being blended (float64) + one tile in and out
     ramp_out = grid.rows.ramp * config.scale
     mem = (2 * BLOCK * out_w * scene.count * itemsize
-           + (ramp_out + BLOCK) * out_w * scene.count * 8 * (1 if ramp_out else 0)
+           + ramp_out * out_w * scene.count * 8
            + tile * tile * scene.count * 4 * (1 + 3 * config.scale ** 2)) / 2**20 + BASE_RSS_MB
     seconds = getattr(model, "seconds_per_mpx", None)
     threads = config.threads or os.cpu_count()

@@ -34,6 +34,7 @@ from .tiling import Tile, TileGrid, default_overlap, output_transform
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, str], None]
+GDAL_CACHE_MB = 64  # bounds GDAL's block cache during a run: memory must not grow with the scene
 
 
 class Cancelled(GeosrError):
@@ -67,8 +68,14 @@ def plan(scene_hw: tuple[int, int], model: SRModel, config: EnhanceConfig) -> Ti
     if overlap // 4 < model.receptive_field:
         log.warning("overlap %d leaves a halo of %d px, under %s's receptive field (%d px): seams may show",
                     overlap, overlap // 4, model.name, model.receptive_field)
+    if config.edge not in (None, "reflect", "cut"):
+        raise ConfigError(f"--edge {config.edge}: choose reflect or cut")
     h, w = scene_hw
     return TileGrid.for_scene(h, w, tile=tile, overlap=overlap, scale=config.scale)
+
+
+def edge_mode(model: SRModel, config: EnhanceConfig) -> str:
+    return config.edge or model.edge
 
 
 def band_groups(model: SRModel, alpha: tuple[bool, ...]) -> list[tuple[list[int], str]]:
@@ -113,9 +120,9 @@ def _run_model(model: SRModel, x: np.ndarray, groups, scale: int) -> np.ndarray:
     return out
 
 
-def _read_tile(scene: Scene, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
-    """The tile, scaled to the model's range, nodata filled; and its validity mask ``(T, T)``."""
-    raw = scene.read(tile.source_rows(scene.height), tile.source_cols(scene.width))
+def _read_tile(scene: Scene, tile: Tile, edge: str) -> tuple[np.ndarray, np.ndarray]:
+    """The tile, scaled to the model's range, nodata filled; and its validity mask ``(h, w)``."""
+    raw = scene.read(*tile.source(scene.height, scene.width, edge))
     valid = scene.valid_mask(raw)
     x = np.empty(raw.shape, dtype=np.float32)
     for b, sc in enumerate(scene.scaling):
@@ -150,7 +157,8 @@ def _to_dtype(scene: Scene, values: np.ndarray, valid: np.ndarray | None) -> np.
 
 
 def run_tiles(scene: Scene, model: SRModel, grid: TileGrid, put: Callable[[int, int, np.ndarray], None], *,
-              progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> float:
+              edge: str = "reflect", progress: Progress | None = None,
+              should_stop: Callable[[], bool] | None = None) -> float:
     """Enhance ``scene`` tile by tile, calling ``put(y0, x0, block)`` once per finished output cell.
 
     Returns the seconds spent in the model.
@@ -167,12 +175,13 @@ def run_tiles(scene: Scene, model: SRModel, grid: TileGrid, put: Callable[[int, 
     for k, tile in enumerate(grid.tiles()):
         if should_stop is not None and should_stop():
             raise Cancelled("cancelled")
-        x, valid = _read_tile(scene, tile)
+        x, valid = _read_tile(scene, tile, edge)
         t0 = time.perf_counter()
-        y = _run_model(model, x, groups, s)  # (C, sT, sT)
+        y = _run_model(model, x, groups, s)  # (C, s h, s w); h = w = tile size unless cut at the scene edge
         model_seconds += time.perf_counter() - t0
         valid_out = np.repeat(np.repeat(valid, s, 0), s, 1) if has_nodata else None
-        oy, ox = grid.out_origin(tile)
+        oy, ox = (v * s for v in tile.read_origin(edge))  # output px of y[:, 0, 0]
+        ty, tx = grid.out_origin(tile)  # output px of the weights' first entry
         wy, wx = grid.rows.weights(tile.row), grid.cols.weights(tile.col)
         finishing = {(c.y0, c.x0) for c in cells.get((tile.row, tile.col), ())}
         for ya, yb, ycover in row_segs[tile.row]:
@@ -182,7 +191,7 @@ def run_tiles(scene: Scene, model: SRModel, grid: TileGrid, put: Callable[[int, 
                 if len(ycover) == 1 and len(xcover) == 1:
                     value = part.astype(np.float64)
                 else:
-                    w = np.outer(wy[ya - oy:yb - oy], wx[xa - ox:xb - ox])
+                    w = np.outer(wy[ya - ty:yb - ty], wx[xa - tx:xb - tx])
                     acc = pending.get(key)
                     if acc is None:
                         acc = pending[key] = np.zeros(part.shape, dtype=np.float64)
@@ -251,11 +260,13 @@ def enhance_scene(src, dst, config: EnhanceConfig | None = None, *, progress: Pr
                              nodata=scene.nodata, cog=config.cog)
     log.info("enhancing %s (%dx%d, %d bands) x%d with %s in %d tiles", src, scene.width, scene.height, scene.count,
              config.scale, model.name, len(grid))
-    with atomic_output(dst, overwrite=config.overwrite, cog=config.cog) as tmp:
+    # GDAL's block cache would otherwise keep written blocks (up to 5% of RAM) before flushing them
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), atomic_output(dst, overwrite=config.overwrite, cog=config.cog) as tmp:
         with rasterio.open(tmp, "w", **profile) as ds:
             set_band_metadata(ds, descriptions=scene.descriptions, colorinterp=scene.colorinterp, tags=tags)
             writer = BlockWriter(ds, dtype=scene.dtype)
-            model_seconds = run_tiles(scene, model, grid, writer.put, progress=progress, should_stop=should_stop)
+            model_seconds = run_tiles(scene, model, grid, writer.put, edge=edge_mode(model, config),
+                                      progress=progress, should_stop=should_stop)
             if writer.pending:
                 raise RuntimeError("output rows left unwritten")
     return EnhanceResult(path=dst, shape=(scene.count, out_h, out_w), tiles=len(grid),
@@ -281,5 +292,5 @@ def enhance_array(array: np.ndarray, config: EnhanceConfig | None = None, *, nod
     def put(y0, x0, block):
         out[:, y0:y0 + block.shape[1], x0:x0 + block.shape[2]] = block
 
-    run_tiles(scene, model, grid, put, progress=progress)
+    run_tiles(scene, model, grid, put, edge=edge_mode(model, config), progress=progress)
     return out if np.ndim(array) == 3 else out[0]

@@ -13,6 +13,7 @@ from geosr.config import EnhanceConfig
 from geosr.errors import InputError, OutputError
 from geosr.io.read import open_scene
 from geosr.models import get_model
+from geosr.models.base import SRModel
 from geosr.models.resample import Replicate
 from geosr.scene import band_groups, enhance_scene
 
@@ -219,19 +220,13 @@ def test_complex_dtype_refused(make_tif):
         open_scene(src)
 
 
-class RGBOnly:
+class RGBOnly(SRModel):
     """A stand-in 3-channel model that records what it was given (x4, adds 0.1 so its effect is visible)."""
 
     name, channels, scales, receptive_field, default_tile = "rgb-only", 3, (4,), 1, 64
 
     def __init__(self):
         self.calls = []
-
-    def check_scale(self, scale):
-        assert scale in self.scales
-
-    def prepare(self):
-        pass
 
     def upscale(self, x, scale):
         assert x.shape[0] == 3, x.shape

@@ -81,13 +81,14 @@ def test_default_overlap_covers_receptive_field():
 
 
 @given(h=st.integers(1, 90), w=st.integers(1, 90), overlap=st.integers(0, 8), extra=st.integers(1, 40),
-       scale=st.integers(1, 4), bands=st.integers(1, 4), seed=st.integers(0, 1000))
-@settings(max_examples=60, deadline=None)
-def test_tiled_equals_whole_bit_for_bit_with_exact_model(h, w, overlap, extra, scale, bands, seed):
+       scale=st.integers(1, 4), bands=st.integers(1, 4), seed=st.integers(0, 1000),
+       edge=st.sampled_from(["reflect", "cut"]))
+@settings(max_examples=80, deadline=None)
+def test_tiled_equals_whole_bit_for_bit_with_exact_model(h, w, overlap, extra, scale, bands, seed, edge):
     overlap *= 2
     tile = 2 * overlap + extra
     arr = np.random.default_rng(seed).integers(0, 256, (bands, h, w), dtype=np.uint8)
-    tiled = enhance_array(arr, EnhanceConfig(scale=scale, tile=tile, overlap=overlap), model=Replicate())
+    tiled = enhance_array(arr, EnhanceConfig(scale=scale, tile=tile, overlap=overlap, edge=edge), model=Replicate())
     whole = np.repeat(np.repeat(arr, scale, 1), scale, 2)
     np.testing.assert_array_equal(tiled, whole)
 
@@ -114,15 +115,24 @@ class BlurUp(SRModel):
         return bicubic().upscale(uniform_filter(x, size=(1, 3, 3), mode="nearest"), scale)
 
 
+@pytest.mark.parametrize("edge", ["reflect", "cut"])
 @pytest.mark.parametrize("tile,overlap", [(32, 12), (40, 16), (57, 20)])
-def test_tiled_within_one_dn_of_whole_with_smooth_model(tile, overlap):
+def test_tiled_within_one_dn_of_whole_with_smooth_model(tile, overlap, edge):
     arr = texture((3, 101, 77), seed=3)
     model = BlurUp()
-    tiled = enhance_array(arr, EnhanceConfig(scale=4, tile=tile, overlap=overlap), model=model)
-    whole = enhance_array(arr, EnhanceConfig(scale=4, tile=512, overlap=overlap), model=model)
+    tiled = enhance_array(arr, EnhanceConfig(scale=4, tile=tile, overlap=overlap, edge=edge), model=model)
+    whole = enhance_array(arr, EnhanceConfig(scale=4, tile=512, overlap=overlap, edge=edge), model=model)
     assert TileGrid.for_scene(101, 77, tile=tile, overlap=overlap, scale=4).shape != (1, 1)
     diff = np.abs(tiled.astype(int) - whole.astype(int))
     assert diff.max() <= 1, diff.max()
+
+
+def test_cut_edge_is_the_model_on_the_whole_unpadded_image():
+    arr = texture((3, 61, 47), seed=5)
+    model = BlurUp()
+    tiled = enhance_array(arr, EnhanceConfig(scale=4, tile=32, overlap=12, edge="cut"), model=model)
+    direct = np.clip(np.rint(model.upscale(arr.astype(np.float32) / 255, 4) * 255), 0, 255)
+    assert np.abs(tiled.astype(int) - direct.astype(int)).max() <= 1
 
 
 def test_too_little_overlap_shows_seams():

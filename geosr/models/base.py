@@ -19,6 +19,7 @@ class SRModel(ABC):
     channels: int | None = 3  # channels it needs (3: RGB path); None: any count, band by band
     receptive_field: int = 1  # input px beyond which an input change no longer moves an output px (effective)
     default_tile: int = 256  # input px
+    edge: str = "reflect"  # how tiles meet the scene edge: "reflect" (padded) or "cut" (as on the whole image)
     description: str = ""
 
     @abstractmethod

@@ -77,6 +77,7 @@ def save_weights(state: dict, path: Path, provenance: dict[str, str]) -> Path:
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={k: str(v) for k, v in provenance.items()})
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; weights are not secret
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -420,7 +420,8 @@ class TFJSModel(nn.Module):
                 for ref in it:
                     dep = (ref[0], ref[1])
                     if dep not in calls:
-                        raise WeightsError(f"'{node[0]}' reads layer '{ref[0]}' node {ref[1]}, which is not in the graph")
+                        raise WeightsError(f"'{node[0]}' reads layer '{ref[0]}' node {ref[1]}, "
+                                           "which is not in the graph")
                     if state.get(dep) == 1:
                         raise WeightsError(f"the graph has a cycle through '{dep[0]}'")
                     if state.get(dep) is None:

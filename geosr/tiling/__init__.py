@@ -3,6 +3,9 @@
 Nothing in here touches a file. Coordinates are integers in pixels; ``L`` is the scene size along one axis in
 input (LR) pixels, ``s`` the integer scale factor.
 
+At the scene edge a tile either reads reflect-padded pixels (``edge="reflect"``) or is cut at the edge
+(``edge="cut"``), so the model sees the edge as it would on the whole image. Both keep tiled == whole-image.
+
 The layout along one axis (input pixels, ``h`` = halo = overlap // 4, ``r`` = ramp = overlap - 2h)::
 
     tile i:   [h halo, weight 0][r ramp up][ ... weight 1 ... ][r ramp down][h halo, weight 0]
@@ -137,11 +140,24 @@ class Tile:
     x0: int
     size: int  # input px, square
 
-    def source_rows(self, height: int) -> np.ndarray:
-        return reflect_indices(self.y0, self.y0 + self.size, height)
+    def source(self, height: int, width: int, edge: str = "reflect") -> tuple[np.ndarray, np.ndarray]:
+        """Scene rows and columns this tile reads.
 
-    def source_cols(self, width: int) -> np.ndarray:
-        return reflect_indices(self.x0, self.x0 + self.size, width)
+        ``edge="reflect"``: the full tile, reflect-padded where it passes the scene edge.
+        ``edge="cut"``: only the part inside the scene, so the model meets the scene edge exactly as it would
+        on the whole image (for networks trained with zero padding, reflected borders are worse).
+        """
+        if edge == "reflect":
+            return (reflect_indices(self.y0, self.y0 + self.size, height),
+                    reflect_indices(self.x0, self.x0 + self.size, width))
+        if edge == "cut":
+            return (np.arange(max(self.y0, 0), min(self.y0 + self.size, height)),
+                    np.arange(max(self.x0, 0), min(self.x0 + self.size, width)))
+        raise ValueError(f"edge must be 'reflect' or 'cut', got {edge!r}")
+
+    def read_origin(self, edge: str = "reflect") -> tuple[int, int]:
+        """Input px of the first pixel :meth:`source` reads (the tile origin, or the scene edge when cut)."""
+        return (self.y0, self.x0) if edge == "reflect" else (max(self.y0, 0), max(self.x0, 0))
 
 
 @dataclass(frozen=True)
