@@ -43,7 +43,8 @@ def tagged_profile(*, height, width, count, dtype, crs, transform, nodata, cog: 
         driver="GTiff", height=height, width=width, count=count, dtype=dtype,
         tiled=True, blockxsize=BLOCK, blockysize=BLOCK, compress="deflate",
         predictor=3 if np.dtype(dtype).kind == "f" else 2, bigtiff="if_safer", interleave="pixel",
-        num_threads="all_cpus",  # GDAL compresses blocks in parallel
+        # no NUM_THREADS: with multithreaded compression GDAL 3.x loses write errors (disk full) on close,
+        # leaving a truncated file that looks complete (seen here with a file-size limit)
     )
     if crs is not None:
         profile.update(crs=crs, transform=transform)

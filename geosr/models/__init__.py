@@ -18,7 +18,7 @@ def _registry(device: str) -> dict[str, SRModel]:
         "nearest": Replicate(),
         "rrdn-gan": TorchSR(
             name="rrdn-gan", filename="rrdn_gan_x4.safetensors", module="geosr.models.tfjs",
-            receptive_field=16, default_tile=192, device=device,
+            receptive_field=20, default_tile=256, device=device,
             description="idealo RRDN-GAN x4 (DIV2K), from the @upscalerjs/models npm package"),
         "realesrgan-x4plus": TorchSR(
             name="realesrgan-x4plus", filename="realesrgan_x4plus.safetensors", module="geosr.models.ncnn",

@@ -48,7 +48,7 @@ WEIGHTLESS = {"Input", "Split", "Concat", "Eltwise", "BinaryOp", "Interp", "ReLU
 ACT_NONE, ACT_RELU, ACT_LEAKY = 0, 1, 2
 
 
-@dataclass
+@dataclass(eq=False)  # layers compare by identity: they are graph nodes
 class Layer:
     type: str
     name: str
@@ -196,7 +196,8 @@ def _conv_names(blocks: int) -> list[str]:
 
 
 def _leaky(layer: Layer) -> bool:
-    return layer.param(9, ACT_NONE) == ACT_LEAKY and np.allclose(layer.param(10, [0.0])[0], 0.2)
+    slope = np.atleast_1d(layer.param(10, [0.0]))[:1]
+    return layer.param(9, ACT_NONE) == ACT_LEAKY and np.allclose(slope, 0.2)
 
 
 class _Graph:

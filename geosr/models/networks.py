@@ -33,7 +33,6 @@ class TorchSR(SRModel):
 
     channels = 3
     scales = (4,)
-    edge = "cut"  # trained with zero-padded convolutions: reflected borders measurably hurt (see README)
 
     def __init__(self, *, name: str, filename: str, module: str, receptive_field: int, default_tile: int,
                  description: str, device: str = "cpu"):
