@@ -29,7 +29,7 @@ from .errors import ConfigError, GeosrError
 from .io.read import Scene, open_scene
 from .models import get_model
 from .models.base import SRModel
-from .tiling import Tile, TileGrid, default_overlap, output_transform
+from .tiling import Tile, TileGrid, default_overlap, halo_for, output_transform
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +61,19 @@ def plan(scene_hw: tuple[int, int], model: SRModel, config: EnhanceConfig) -> Ti
     model.check_scale(config.scale)
     overlap = default_overlap(model.receptive_field) if config.overlap is None else int(config.overlap)
     tile = model.default_tile if config.tile is None else int(config.tile)
-    if overlap < 0 or overlap % 2:
-        raise ConfigError(f"--overlap {overlap}: must be an even number >= 0")
+    if overlap < 0:
+        raise ConfigError(f"--overlap {overlap}: must be >= 0")
     if tile <= 2 * overlap:
         raise ConfigError(f"--tile {tile}: must be larger than 2 x overlap ({2 * overlap}); use a bigger tile or a smaller overlap")
-    if overlap // 4 < model.receptive_field:
-        log.warning("overlap %d leaves a halo of %d px, under %s's receptive field (%d px): seams may show",
-                    overlap, overlap // 4, model.name, model.receptive_field)
     if config.edge not in (None, "reflect", "cut"):
         raise ConfigError(f"--edge {config.edge}: choose reflect or cut")
+    halo = halo_for(model.receptive_field, overlap)
+    if halo < model.receptive_field:
+        log.warning("overlap %d leaves a halo of %d px, under %s's receptive field (%d px): seams may show; "
+                    "the default overlap is %d", overlap, halo, model.name, model.receptive_field,
+                    default_overlap(model.receptive_field))
     h, w = scene_hw
-    return TileGrid.for_scene(h, w, tile=tile, overlap=overlap, scale=config.scale)
+    return TileGrid.for_scene(h, w, tile=tile, overlap=overlap, scale=config.scale, halo=halo)
 
 
 def edge_mode(model: SRModel, config: EnhanceConfig) -> str:
@@ -248,27 +250,28 @@ def enhance_scene(src, dst, config: EnhanceConfig | None = None, *, progress: Pr
     src, dst = Path(src), Path(dst)
     t_start = time.perf_counter()
     check_output_path(src, dst, overwrite=config.overwrite)
-    scene = open_scene(src, bands=config.bands, nodata=config.nodata)
-    model = get_model(config.model, device=config.device)
-    grid = plan((scene.height, scene.width), model, config)
-    model.prepare()
-    _set_threads(config)
-    out_h, out_w = grid.out_shape
-    tags = output_tags(model, config, src)
-    profile = tagged_profile(height=out_h, width=out_w, count=scene.count, dtype=scene.dtype,
-                             crs=scene.crs, transform=output_transform(scene.transform, config.scale) if scene.georeferenced else None,
-                             nodata=scene.nodata, cog=config.cog)
-    log.info("enhancing %s (%dx%d, %d bands) x%d with %s in %d tiles", src, scene.width, scene.height, scene.count,
-             config.scale, model.name, len(grid))
-    # GDAL's block cache would otherwise keep written blocks (up to 5% of RAM) before flushing them
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), atomic_output(dst, overwrite=config.overwrite, cog=config.cog) as tmp:
-        with rasterio.open(tmp, "w", **profile) as ds:
-            set_band_metadata(ds, descriptions=scene.descriptions, colorinterp=scene.colorinterp, tags=tags)
-            writer = BlockWriter(ds, dtype=scene.dtype)
-            model_seconds = run_tiles(scene, model, grid, writer.put, edge=edge_mode(model, config),
-                                      progress=progress, should_stop=should_stop)
-            if writer.pending:
-                raise RuntimeError("output rows left unwritten")
+    # GDAL's block cache would otherwise keep read and written blocks (up to 5% of RAM): bound it for the run
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+        scene = open_scene(src, bands=config.bands, nodata=config.nodata)
+        model = get_model(config.model, device=config.device)
+        grid = plan((scene.height, scene.width), model, config)
+        model.prepare()
+        _set_threads(config)
+        out_h, out_w = grid.out_shape
+        tags = output_tags(model, config, src)
+        transform = output_transform(scene.transform, config.scale) if scene.georeferenced else None
+        profile = tagged_profile(height=out_h, width=out_w, count=scene.count, dtype=scene.dtype, crs=scene.crs,
+                                 transform=transform, nodata=scene.nodata, cog=config.cog)
+        log.info("enhancing %s (%dx%d, %d bands) x%d with %s in %d tiles", src, scene.width, scene.height,
+                 scene.count, config.scale, model.name, len(grid))
+        with atomic_output(dst, overwrite=config.overwrite, cog=config.cog) as tmp:
+            with rasterio.open(tmp, "w", **profile) as ds:
+                set_band_metadata(ds, descriptions=scene.descriptions, colorinterp=scene.colorinterp, tags=tags)
+                writer = BlockWriter(ds, dtype=scene.dtype)
+                model_seconds = run_tiles(scene, model, grid, writer.put, edge=edge_mode(model, config),
+                                          progress=progress, should_stop=should_stop)
+                if writer.pending:
+                    raise RuntimeError("output blocks left unwritten")
     return EnhanceResult(path=dst, shape=(scene.count, out_h, out_w), tiles=len(grid),
                          seconds=time.perf_counter() - t_start, model_seconds=model_seconds, config=config, tags=tags)
 

