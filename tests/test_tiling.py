@@ -85,7 +85,7 @@ def test_default_overlap_covers_receptive_field():
 
 @given(h=st.integers(1, 90), w=st.integers(1, 90), overlap=st.integers(0, 16), extra=st.integers(1, 40),
        scale=st.integers(1, 4), bands=st.integers(1, 4), seed=st.integers(0, 1000),
-       edge=st.sampled_from(["reflect", "cut"]))
+       edge=st.sampled_from(["reflect", "cut", "reflect:1", "reflect:3"]))
 @settings(max_examples=80, deadline=None)
 def test_tiled_equals_whole_bit_for_bit_with_exact_model(h, w, overlap, extra, scale, bands, seed, edge):
     tile = 2 * overlap + extra
@@ -117,7 +117,7 @@ class BlurUp(SRModel):
         return bicubic().upscale(uniform_filter(x, size=(1, 3, 3), mode="nearest"), scale)
 
 
-@pytest.mark.parametrize("edge", ["reflect", "cut"])
+@pytest.mark.parametrize("edge", ["reflect", "cut", "reflect:2"])
 @pytest.mark.parametrize("tile,overlap", [(32, 12), (40, 16), (57, 20)])
 def test_tiled_within_one_dn_of_whole_with_smooth_model(tile, overlap, edge):
     arr = texture((3, 101, 77), seed=3)
@@ -144,3 +144,18 @@ def test_too_little_overlap_shows_seams():
     tiled = enhance_array(arr, EnhanceConfig(scale=4, tile=32, overlap=0), model=model)
     whole = enhance_array(arr, EnhanceConfig(scale=4, tile=512, overlap=12), model=model)
     assert np.abs(tiled.astype(int) - whole.astype(int)).max() > 1
+
+
+def test_edge_modes_read_the_expected_pixels():
+    from geosr.tiling import Tile, parse_edge
+
+    t = Tile(0, 0, -5, -5, 20)  # starts 5 px before the scene edge
+    rows, _ = t.source(10, 10, "reflect")
+    assert rows.tolist()[:6] == [5, 4, 3, 2, 1, 0] and len(rows) == 20
+    rows, _ = t.source(10, 10, "cut")
+    assert rows.tolist() == list(range(10)) and t.read_origin("cut") == (0, 0)
+    rows, _ = t.source(10, 10, "reflect:2")
+    assert rows.tolist() == [2, 1] + list(range(10)) + [8, 7] and t.read_origin("reflect:2") == (-2, -2)
+    assert parse_edge("reflect") is None and parse_edge("cut") == 0 and parse_edge("reflect:10") == 10
+    with pytest.raises(ValueError, match="reflect:N"):
+        parse_edge("mirror")

@@ -20,7 +20,8 @@ class SRModel(ABC):
     # effective receptive field, input px: context beyond it moves an output px by less than ~1 DN (measured)
     receptive_field: int = 1
     default_tile: int = 256  # input px
-    # how tiles meet the scene edge: "cut" (the model sees the edge as on the whole image) or "reflect" (padded).
+    # how tiles meet the scene edge: "cut" (the model sees the edge as on the whole image), "reflect" (padded) or
+    # "reflect:N" (N px of padding, then cut).
     # "cut" measured better on BENCHMARK.md: RRDN-GAN 27.56 vs 27.44 dB PSNR-Y, bicubic 27.27 vs 27.25.
     edge: str = "cut"
     description: str = ""

@@ -35,8 +35,8 @@ class TorchSR(SRModel):
     scales = (4,)
 
     def __init__(self, *, name: str, filename: str, module: str, receptive_field: int, default_tile: int,
-                 description: str, device: str = "cpu"):
-        self.name, self.filename, self.module = name, filename, module
+                 description: str, edge: str = "cut", device: str = "cpu"):
+        self.name, self.filename, self.module, self.edge = name, filename, module, edge
         self.receptive_field, self.default_tile, self.description = receptive_field, default_tile, description
         self.device = device
         self._net = None

@@ -3,8 +3,9 @@
 Nothing in here touches a file. Coordinates are integers in pixels; ``L`` is the scene size along one axis in
 input (LR) pixels, ``s`` the integer scale factor.
 
-At the scene edge a tile either reads reflect-padded pixels (``edge="reflect"``) or is cut at the edge
-(``edge="cut"``), so the model sees the edge as it would on the whole image. Both keep tiled == whole-image.
+At the scene edge a tile either reads reflect-padded pixels (``edge="reflect"``), is cut at the edge
+(``edge="cut"``, so the model sees the edge as it would on the whole image), or is reflect-padded by at most N
+px and cut there (``edge="reflect:N"``). All keep tiled == whole-image.
 
 The layout along one axis (input pixels, ``h`` = halo, ``r`` = ramp = overlap - 2h)::
 
@@ -26,7 +27,7 @@ from functools import cached_property
 import numpy as np
 from affine import Affine
 
-__all__ = ["AxisPlan", "TileGrid", "Tile", "Cell", "reflect_indices", "output_transform", "default_overlap", "halo_for"]
+__all__ = ["AxisPlan", "TileGrid", "Tile", "Cell", "reflect_indices", "output_transform", "default_overlap", "halo_for", "parse_edge"]
 
 
 def default_overlap(receptive_field: int) -> int:
@@ -152,18 +153,33 @@ class Tile:
         ``edge="reflect"``: the full tile, reflect-padded where it passes the scene edge.
         ``edge="cut"``: only the part inside the scene, so the model meets the scene edge exactly as it would
         on the whole image (for networks trained with zero padding, reflected borders are worse).
+        ``edge="reflect:N"``: reflect-padded by at most ``N`` px beyond the scene edge, then cut.
         """
-        if edge == "reflect":
-            return (reflect_indices(self.y0, self.y0 + self.size, height),
-                    reflect_indices(self.x0, self.x0 + self.size, width))
-        if edge == "cut":
-            return (np.arange(max(self.y0, 0), min(self.y0 + self.size, height)),
-                    np.arange(max(self.x0, 0), min(self.x0 + self.size, width)))
-        raise ValueError(f"edge must be 'reflect' or 'cut', got {edge!r}")
+        pad = parse_edge(edge)
+        y0, y1 = self._span(self.y0, height, pad)
+        x0, x1 = self._span(self.x0, width, pad)
+        return reflect_indices(y0, y1, height), reflect_indices(x0, x1, width)
+
+    def _span(self, start: int, length: int, pad: int | None) -> tuple[int, int]:
+        if pad is None:
+            return start, start + self.size
+        return max(start, -pad), min(start + self.size, length + pad)
 
     def read_origin(self, edge: str = "reflect") -> tuple[int, int]:
-        """Input px of the first pixel :meth:`source` reads (the tile origin, or the scene edge when cut)."""
-        return (self.y0, self.x0) if edge == "reflect" else (max(self.y0, 0), max(self.x0, 0))
+        """Input px of the first pixel :meth:`source` reads (the tile origin, or where it was cut)."""
+        pad = parse_edge(edge)
+        return (self.y0, self.x0) if pad is None else (max(self.y0, -pad), max(self.x0, -pad))
+
+
+def parse_edge(edge: str) -> int | None:
+    """``"reflect"`` -> None (unlimited padding), ``"cut"`` -> 0, ``"reflect:N"`` -> N."""
+    if edge == "reflect":
+        return None
+    if edge == "cut":
+        return 0
+    if isinstance(edge, str) and edge.startswith("reflect:") and edge[8:].isdigit():
+        return int(edge[8:])
+    raise ValueError(f"edge must be 'reflect', 'cut' or 'reflect:N', got {edge!r}")
 
 
 @dataclass(frozen=True)
