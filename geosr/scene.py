@@ -177,6 +177,8 @@ def run_tiles(scene: Scene, model: SRModel, grid: TileGrid, put: Callable[[int, 
     has_nodata = scene.nodata is not None or np.dtype(scene.dtype).kind == "f"
     model_seconds = 0.0
     total = len(grid)
+    if progress is not None:
+        progress(0, total, "starting")
     for k, tile in enumerate(grid.tiles()):
         if should_stop is not None and should_stop():
             raise Cancelled("cancelled")

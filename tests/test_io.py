@@ -270,7 +270,7 @@ def test_should_stop_cancels_and_leaves_nothing(make_tif, tmp_path):
     seen = []
     with pytest.raises(Cancelled):
         enhance_scene(src, out, EnhanceConfig(model="bicubic", scale=2, tile=24, overlap=8),
-                      progress=lambda d, t, m: seen.append((d, t)), should_stop=lambda: len(seen) >= 2)
+                      progress=lambda d, t, m: seen.append((d, t)), should_stop=lambda: len(seen) >= 3)
     total = seen[0][1]
-    assert seen == [(1, total), (2, total)] and total > 2
+    assert seen == [(0, total), (1, total), (2, total)] and total > 2
     assert sorted(p.name for p in tmp_path.iterdir()) == [src.name]

