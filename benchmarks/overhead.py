@@ -43,7 +43,7 @@ def main() -> int:
     args = ap.parse_args()
     config = EnhanceConfig(model=args.model, scale=4, overwrite=True)
     get_model(args.model).prepare()  # load outside both timings
-    e2e, mo = [], []
+    e2e, mo, inside = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeat):
             t0 = time.perf_counter()
@@ -51,9 +51,13 @@ def main() -> int:
             e2e.append(time.perf_counter() - t0)
             seconds, n = model_only(args.scene, config)
             mo.append(seconds)
-            print(f"end-to-end {e2e[-1]:.1f} s ({res.tiles} tiles; model inside the run {res.model_seconds:.1f} s), "
-                  f"model-only {mo[-1]:.1f} s ({n} tiles): ratio {e2e[-1] / mo[-1]:.3f}", flush=True)
-    print(f"overhead ratio (min/min over {args.repeat}): {min(e2e) / min(mo):.3f} (target <= 1.10)")
+            inside.append(e2e[-1] / res.model_seconds)
+            print(f"end-to-end {e2e[-1]:.1f} s ({res.tiles} tiles; model inside the run {res.model_seconds:.1f} s, "
+                  f"ratio {inside[-1]:.3f}), model-only {mo[-1]:.1f} s ({n} tiles): ratio {e2e[-1] / mo[-1]:.3f}",
+                  flush=True)
+    print(f"overhead ratio, separate passes (min/min over {args.repeat}): {min(e2e) / min(mo):.3f} (target <= 1.10)")
+    print(f"overhead ratio, model time inside the same run (min): {min(inside):.3f}; this one is immune to load "
+          "changing between the two passes")
     return 0
 
 
