@@ -4,11 +4,11 @@ Read scene -> cut tiles -> run the model -> blend -> write, streamed tile by til
 
 1. open the scene lazily and fix its radiometric scaling once (``io.read``);
 2. plan the tile grid (``tiling``);
-3. for each tile in raster order: read it with reflect padding, scale it, run the model band group by band
-   group, weight it by its blend weights;
+3. for each tile in raster order: read it (cut or reflect-padded at the scene edge), scale it, run the model
+   band group by band group, weight it by its blend weights;
 4. every output cell whose last contributing tile is done is converted back to the input's value range and
-   dtype, masked where the input was nodata, and handed to the writer, which writes full block rows
-   (``io.write``).
+   dtype, masked where the input was nodata, and handed to the writer, which writes each GeoTIFF block as
+   soon as it is complete (``io.write``).
 """
 
 from __future__ import annotations

@@ -343,8 +343,8 @@ def train_tokenizer(maps: Iterable[Tensor], *, config: TokenizerConfig, steps: i
             try:
                 batch = next(it)
             except StopIteration:
-                raise ConfigError("train_tokenizer: 'maps' yielded no batch (an exhausted iterator?); "
-                                  "pass a list or another re-iterable collection") from None
+                raise ConfigError(f"train_tokenizer: 'maps' ran out after {step} steps and cannot be iterated "
+                                  "again (a generator?); pass a list or another re-iterable collection") from None
         out = model(batch.to(device))
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
