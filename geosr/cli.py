@@ -92,6 +92,8 @@ def _cmd_enhance(args) -> int:
 
     config = _config(args)
     out = args.output or Path.cwd() / f"{args.input.stem}_x{config.scale}.tif"
+    if args.preview and args.preview.exists() and not config.overwrite:  # before minutes of work, not after
+        raise GeosrError(f"{args.preview}: already exists; pass --overwrite to replace it")
     bar = None
     progress = None
     if not args.quiet:
@@ -99,7 +101,7 @@ def _cmd_enhance(args) -> int:
 
         def progress(done, total, message):
             nonlocal bar
-            if bar is None:  # created on the first tile, so errors before it print alone
+            if bar is None:  # created once tiling starts, so errors while opening print alone
                 bar = tqdm(total=total, unit="tile", desc=f"geosr x{config.scale}", file=sys.stderr, dynamic_ncols=True)
             bar.n = done
             bar.refresh()
@@ -113,8 +115,6 @@ def _cmd_enhance(args) -> int:
     if args.preview:
         from .io.preview import write_preview
 
-        if args.preview.exists() and not config.overwrite:
-            raise GeosrError(f"{args.preview}: already exists; pass --overwrite to replace it")
         write_preview(args.input, result.path, args.preview, scale=config.scale, bands=config.bands)
         print(f"wrote {args.preview}")
     return 0

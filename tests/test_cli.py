@@ -189,3 +189,12 @@ def test_bad_band_selection(run_cli, data, tmp_path):
 def test_bad_edge_mode(run_cli, data, tmp_path):
     proc = run_cli("enhance", data / "fixtures" / FIXTURE, "-o", tmp_path / "o.tif", "-m", "bicubic", "--edge", "wrap")
     assert_one_line_error(proc, "choose reflect, cut or reflect:N")
+
+
+def test_existing_preview_refused_before_any_work(run_cli, make_tif, tmp_path):
+    src = make_tif(texture((3, 20, 20)))
+    png = tmp_path / "p.png"
+    png.write_bytes(b"mine")
+    proc = run_cli("enhance", src, "-o", tmp_path / "o.tif", "-m", "bicubic", "--preview", png)
+    assert_one_line_error(proc, "--overwrite")
+    assert png.read_bytes() == b"mine" and not (tmp_path / "o.tif").exists()
