@@ -266,7 +266,7 @@ def enhance_scene(src, dst, config: EnhanceConfig | None = None, *, progress: Pr
         tags = output_tags(model, config, src)
         transform = output_transform(scene.transform, config.scale) if scene.georeferenced else None
         profile = tagged_profile(height=out_h, width=out_w, count=scene.count, dtype=scene.dtype, crs=scene.crs,
-                                 transform=transform, nodata=scene.nodata, cog=config.cog)
+                                 transform=transform, nodata=scene.nodata)
         log.info("enhancing %s (%dx%d, %d bands) x%d with %s in %d tiles", src, scene.width, scene.height,
                  scene.count, config.scale, model.name, len(grid))
         with atomic_output(dst, overwrite=config.overwrite, cog=config.cog) as tmp:

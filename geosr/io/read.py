@@ -70,8 +70,9 @@ class Scene:
 
     @property
     def gsd(self) -> tuple[float, float]:
-        return abs(self.transform.a) if self.transform.b == 0 else float(np.hypot(self.transform.a, self.transform.d)), \
-            abs(self.transform.e) if self.transform.d == 0 else float(np.hypot(self.transform.b, self.transform.e))
+        """Pixel size along the raster's x and y axes, in CRS units (also for rotated transforms)."""
+        t = self.transform
+        return float(np.hypot(t.a, t.d)), float(np.hypot(t.b, t.e))
 
     def read(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Read the pixels at ``rows x cols`` (scene indices, any order/repeats) as ``(band, len(rows), len(cols))``."""

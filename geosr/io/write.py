@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -38,7 +37,8 @@ def check_output_path(src: Path, dst: Path, *, overwrite: bool) -> None:
         raise OutputError(f"{folder}: output folder is not writable")
 
 
-def tagged_profile(*, height, width, count, dtype, crs, transform, nodata, cog: bool) -> dict:
+def tagged_profile(*, height, width, count, dtype, crs, transform, nodata) -> dict:
+    """Creation profile of the (intermediate) GeoTIFF: tiled, deflate, BigTIFF when needed."""
     profile = dict(
         driver="GTiff", height=height, width=width, count=count, dtype=dtype,
         tiled=True, blockxsize=BLOCK, blockysize=BLOCK, compress="deflate",
@@ -150,7 +150,3 @@ def set_band_metadata(ds, *, descriptions, colorinterp, tags: dict) -> None:
         except (ValueError, rasterio.errors.RasterioError) as err:
             log.warning("colour interpretation not kept: %s", err)
     ds.update_tags(**{k: str(v) for k, v in tags.items()})
-
-
-def disk_free(path: Path) -> int:
-    return shutil.disk_usage(path).free
