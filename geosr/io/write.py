@@ -24,7 +24,8 @@ BLOCK = 256  # output GeoTIFF block size; every write is one whole block
 def check_output_path(src: Path, dst: Path, *, overwrite: bool) -> None:
     """Refuse what would lose data or cannot work, before any compute starts."""
     src, dst = Path(src), Path(dst)
-    if dst.exists() and src.exists() and os.path.samefile(src, dst) or dst.resolve() == src.resolve():
+    same = dst.resolve() == src.resolve() or (dst.exists() and src.exists() and os.path.samefile(src, dst))
+    if same:
         raise OutputError(f"{dst}: output is the input file; choose another output path")
     if dst.is_dir():
         raise OutputError(f"{dst}: is a folder; give a file name such as {dst / (src.stem + '_x4.tif')}")

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from ..errors import ConfigError
 from .base import SRModel
 
 DEFAULT_MODEL = "rrdn-gan"
 
 
+@lru_cache(maxsize=None)
 def _registry(device: str) -> dict[str, SRModel]:
+    """One instance per model and device, so loaded weights are reused across calls (bench, accessor, tests)."""
     from .networks import TorchSR
     from .resample import Replicate, bicubic, lanczos3
 
