@@ -35,6 +35,18 @@ def _add_tiling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: all cores)")
 
 
+def _add_diffusion(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("diffusion models (--model mmsr)")
+    g.add_argument("--checkpoint", default=None, help="MMSR checkpoint folder (from `geosr train`) or Hugging Face id")
+    g.add_argument("--steps", type=int, default=None, help="denoising steps (default 4)")
+    g.add_argument("--guidance", type=float, default=None, help="guidance weight w (default 0: unguided)")
+    g.add_argument("--guidance-mode", dest="guidance_mode", default=None, choices=["cfg", "m0-cfg", "m-cfg"],
+                   help="what the negative branch keeps (default m-cfg: the real modalities)")
+    g.add_argument("--temperature", dest="temperatures", default=None, metavar="NAME=T,...",
+                   help="per-modality attention temperature, e.g. depth=0.5,edges=2 (1 neutral; lower = stronger)")
+    g.add_argument("--seed", type=int, default=None, help="noise seed (default 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="geosr", description="Super-resolution for georeferenced imagery.")
     parser.add_argument("--version", action="version", version=f"geosr {__version__}")
@@ -45,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", type=Path)
     p.add_argument("-o", "--output", type=Path, default=None, help="output GeoTIFF (default: ./<name>_x<scale>.tif)")
     _add_tiling(p)
+    _add_diffusion(p)
     p.add_argument("--cog", action="store_true", help="write a Cloud-Optimized GeoTIFF with overviews")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--preview", type=Path, default=None, help="also write a side-by-side PNG (input | output)")
@@ -54,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe a raster and what enhancing it would take")
     p.add_argument("input", type=Path)
     _add_tiling(p)
+    _add_diffusion(p)
 
     sub.add_parser("models", help="list models and whether their weights are present")
 
@@ -83,7 +97,7 @@ def _config(args):
         except OSError as err:
             raise GeosrError(f"{args.config}: cannot read config ({err.strerror})") from err
     given = {f.name: getattr(args, f.name) for f in fields(EnhanceConfig)
-             if getattr(args, f.name, None) not in (None, False)}
+             if getattr(args, f.name, None) is not None and getattr(args, f.name) is not False}
     return replace(base, **given)
 
 
@@ -145,7 +159,7 @@ def _cmd_models(args) -> int:
         elif m.weights_present():
             state = "no weights needed"
         else:
-            state = "weights missing: run 'geosr weights fetch'"
+            state = "weights missing: " + getattr(m, "missing_hint", "run 'geosr weights fetch'")
         default = " [default]" if m.name == DEFAULT_MODEL else ""
         print(f"{m.name:<18} {_scales(m.scales):<7} {m.description}{default}\n{'':<26} {state}")
     return 0

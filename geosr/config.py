@@ -40,6 +40,13 @@ class EnhanceConfig:
     overwrite: bool = False  # replace an existing output
     device: str = "cpu"  # cpu, cuda or auto
     threads: int | None = None  # torch threads; None: all cores
+    # diffusion models (mmsr) only; other models ignore these
+    checkpoint: str | None = None  # MMSR checkpoint folder (from `geosr train`) or Hugging Face id owner/name
+    steps: int = 4  # denoising steps (DDIM, trailing spacing: few steps work)
+    guidance: float = 0.0  # w of (1 + w) * eps_pos - w * eps_neg; 0: unguided (half the work)
+    guidance_mode: str = "m-cfg"  # cfg | m0-cfg | m-cfg: what the negative branch keeps (see the pipeline)
+    temperatures: dict | str | None = None  # per-modality attention temperature, e.g. "depth=0.5,edges=2"; 1 neutral
+    seed: int = 0  # noise seed (mixed with each tile's pixels, so results do not depend on tile order)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -127,7 +127,11 @@ def _run_model(model: SRModel, x: np.ndarray, groups, scale: int) -> np.ndarray:
 
 def _read_tile(scene: Scene, tile: Tile, edge: str) -> tuple[np.ndarray, np.ndarray]:
     """The tile, scaled to the model's range, nodata filled; and its validity mask ``(h, w)``."""
-    raw = scene.read(*tile.source(scene.height, scene.width, edge))
+    return _scaled(scene, scene.read(*tile.source(scene.height, scene.width, edge)))
+
+
+def _scaled(scene: Scene, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Raw pixels -> the model's range with nodata filled by the band's scene mean; and the validity mask."""
     valid = scene.valid_mask(raw)
     x = np.empty(raw.shape, dtype=np.float32)
     for b, sc in enumerate(scene.scaling):
@@ -219,6 +223,24 @@ def run_tiles(scene: Scene, model: SRModel, grid: TileGrid, put: Callable[[int, 
 # entry points
 
 
+OVERVIEW_SIDE = 512  # px per side of the decimated scene view a model gets once per scene (e.g. for a caption)
+
+
+def scene_overview(scene: Scene) -> np.ndarray:
+    """A decimated view ``(C, h, w)`` of the whole scene, scaled to the model's range, nodata filled."""
+    f = max(1, -(-max(scene.height, scene.width) // OVERVIEW_SIDE))
+    raw = scene.read(np.arange(0, scene.height, f), np.arange(0, scene.width, f))
+    return _scaled(scene, raw)[0]
+
+
+def _start(model: SRModel, scene: Scene, config: EnhanceConfig) -> None:
+    """Per-run model setup after planning: weights, threads, the scene-level hook."""
+    model.prepare()
+    _set_threads(config)
+    gsd = float(np.mean(scene.gsd)) * 1.0 / config.scale if scene.georeferenced else None
+    model.begin_scene(scene_overview(scene), gsd=gsd)
+
+
 def _set_threads(config: EnhanceConfig) -> None:
     import torch
 
@@ -237,6 +259,7 @@ def output_tags(model: SRModel, config: EnhanceConfig, src: Path | None) -> dict
         "GEOSR_WEIGHTS_SOURCE": source,
         "GEOSR_PARAMETERS": json.dumps(params, sort_keys=True),
         "GEOSR_INPUT": src.name if src is not None else "",
+        **({"GEOSR_CAPTION": model.caption} if getattr(model, "caption", "") else {}),
     }
 
 
@@ -259,9 +282,9 @@ def enhance_scene(src, dst, config: EnhanceConfig | None = None, *, progress: Pr
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
         scene = open_scene(src, bands=config.bands, nodata=config.nodata)
         model = get_model(config.model, device=config.device)
+        model.configure(config)  # before planning: a checkpoint may set the model's scale and tile
         grid = plan((scene.height, scene.width), model, config)
-        model.prepare()
-        _set_threads(config)
+        _start(model, scene, config)
         out_h, out_w = grid.out_shape
         tags = output_tags(model, config, src)
         transform = output_transform(scene.transform, config.scale) if scene.georeferenced else None
@@ -292,9 +315,9 @@ def enhance_array(array: np.ndarray, config: EnhanceConfig | None = None, *, nod
     config = config or EnhanceConfig()
     scene = scene_from_array(array, nodata=nodata if nodata is not None else config.nodata)
     model = model or get_model(config.model, device=config.device)
+    model.configure(config)
     grid = plan((scene.height, scene.width), model, config)
-    model.prepare()
-    _set_threads(config)
+    _start(model, scene, config)
     out = np.empty((scene.count, *grid.out_shape), dtype=scene.dtype)
 
     def put(y0, x0, block):

@@ -33,6 +33,12 @@ class SRModel(ABC):
         """Where the weights come from (package, version, registry, sha256, ...); empty for weight-free models."""
         return {}
 
+    def configure(self, config) -> None:
+        """Take model-specific settings of the run (an ``EnhanceConfig``); most models have none."""
+
+    def begin_scene(self, overview: np.ndarray, *, gsd: float | None = None) -> None:
+        """Called once per scene before its tiles with a decimated, scaled view ``(C, h, w)`` of the whole scene."""
+
     def weights_present(self) -> bool:
         return True
 

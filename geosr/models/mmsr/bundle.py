@@ -17,6 +17,7 @@ MMSR paper (sec. 3). Depth/height has no extractor: it is missing (null token) u
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -209,6 +210,11 @@ class MMSRBundle:
         self.pipeline.save_pretrained(directory / "pipeline")
         for name, tok in self.tokenizers.items():
             tok.save_pretrained(directory / "tokenizers" / name)
+        digest = hashlib.sha256()
+        for path in sorted(directory.rglob("*.safetensors")):
+            digest.update(path.relative_to(directory).as_posix().encode())
+            digest.update(path.read_bytes())
+        self.meta["sha256"] = digest.hexdigest()  # of every weights file: the checkpoint's provenance
         index = {"format": FORMAT, "config": self.config.to_dict(), "meta": self.meta}
         (directory / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         return directory

@@ -1,0 +1,184 @@
+"""The MMSR diffusion model as a tiled-engine model (``--model mmsr``).
+
+Per scene (:meth:`MMSRModel.begin_scene`): one caption, from a decimated view of the whole scene.
+Per tile (:meth:`MMSRModel.upscale`):
+
+1. the LR tile is reflect-padded to a side the UNet accepts;
+2. the conditioning image is bicubic(LR) (what the model was trained with);
+3. edges and segmentation are extracted from the conditioning image and tokenized (depth is missing: its null
+   token), exactly as in training (:class:`~geosr.models.mmsr.bundle.MMSRBundle`);
+4. the pipeline samples with the run's steps, guidance and temperatures; the noise is seeded from the run's
+   seed and the tile's own pixels, so a tile gives the same output whatever order tiles run in;
+5. the padding is cut off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import ConfigError, WeightsError
+from ..base import SRModel
+
+log = logging.getLogger(__name__)
+
+ALIASES = {"edge": "edges", "seg": "segmentation", "landcover": "segmentation", "height": "depth", "dsm": "depth",
+           "caption": "text"}
+
+
+def parse_temperatures(text: str | dict | None) -> dict[str, float]:
+    """``"depth=0.5,edge=2"`` (or a dict) -> ``{"depth": 0.5, "edges": 2.0}``; aliases as in :data:`ALIASES`."""
+    if text is None:
+        return {}
+    items = text.items() if isinstance(text, dict) else (
+        part.split("=", 1) if "=" in part else (part, "") for part in str(text).replace(" ", "").split(",") if part)
+    out: dict[str, float] = {}
+    for key, value in items:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--temperature {key}={value}: give name=number pairs like depth=0.5,edges=2") from None
+        if not (np.isfinite(number) and number > 0):
+            raise ConfigError(f"--temperature {key}={value}: a temperature must be > 0 (1 is neutral)")
+        out[ALIASES.get(key, key)] = number
+    return out
+
+
+def tile_seed(seed: int, x: np.ndarray) -> int:
+    """A 63-bit seed from the run's seed and the tile's pixels (order-independent, reproducible)."""
+    h = hashlib.blake2b(np.ascontiguousarray(x, dtype=np.float32).tobytes(), digest_size=8, key=str(seed).encode())
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+class MMSRModel(SRModel):
+    """Multimodal diffusion SR from a checkpoint written by ``geosr train`` (or a Hugging Face id)."""
+
+    name = "mmsr"
+    channels = 3
+    edge = "reflect"
+    description = "multimodal diffusion SR (MMSR): caption + segmentation + edges (+ depth)"
+    missing_hint = "pass --checkpoint DIR (a folder written by `geosr train`) or a Hugging Face id"
+
+    def __init__(self, *, device: str = "cpu", checkpoint: str | Path | None = None):
+        self.device = device
+        self.checkpoint = checkpoint
+        self.steps, self.guidance, self.guidance_mode = 4, 0.0, "m-cfg"
+        self.temperatures: dict[str, float] = {}
+        self.seed = 0
+        self.negative_prompt: str | None = None
+        self.caption = ""
+        self._bundle = None
+        self._loaded_from: str | None = None
+
+    # -- SRModel -------------------------------------------------------------------------------------------------
+
+    @property
+    def scales(self) -> tuple[int, ...]:
+        return (self._bundle.config.scale,) if self._bundle is not None else (4,)
+
+    @property
+    def default_tile(self) -> int:
+        return self._bundle.config.tile if self._bundle is not None else 64
+
+    @property
+    def receptive_field(self) -> int:
+        # the cross-attention makes every output pixel depend on the whole tile; the convolutions reach a few px
+        return 6
+
+    def configure(self, config) -> None:
+        """Take the run's MMSR settings (checkpoint, steps, guidance, temperatures, seed) from EnhanceConfig."""
+        if config.checkpoint is not None:
+            self.checkpoint = config.checkpoint
+        self.steps = config.steps
+        self.guidance = config.guidance
+        self.guidance_mode = config.guidance_mode
+        self.temperatures = parse_temperatures(config.temperatures)
+        self.seed = config.seed
+        if self.checkpoint is not None:
+            self.prepare()
+        if self._bundle is not None:
+            known = set(self._bundle.pipeline.conditioner.keys)
+            unknown = sorted(set(self.temperatures) - known)
+            if unknown:
+                raise ConfigError(f"--temperature: unknown name {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        if not (isinstance(self.steps, int) and self.steps >= 1):
+            raise ConfigError(f"--steps {self.steps}: give at least 1 denoising step")
+        if self.guidance < 0:
+            raise ConfigError(f"--guidance {self.guidance}: give w >= 0 (0 = unguided)")
+
+    def weights_present(self) -> bool:
+        return self.checkpoint is not None
+
+    def prepare(self) -> None:
+        from .bundle import MMSRBundle, resolve_checkpoint
+
+        if self.checkpoint is None:
+            raise WeightsError("model 'mmsr' needs trained weights: pass --checkpoint DIR (a folder written by "
+                               "`geosr train`) or a Hugging Face id")
+        key = str(self.checkpoint)
+        if self._loaded_from == key:
+            return
+        path = resolve_checkpoint(self.checkpoint)
+        self._bundle = MMSRBundle.load(path, device=self._torch_device())
+        self._loaded_from = key
+        log.info("loaded MMSR checkpoint %s (%s)", path, self._bundle.meta.get("summary", "no summary"))
+
+    def provenance(self) -> dict[str, str]:
+        if self._bundle is None:
+            return {}
+        meta = self._bundle.meta
+        return {"package": f"geosr-trained:{Path(str(self.checkpoint)).name}", "version": str(meta.get("steps", "?")),
+                "registry": "local checkpoint", "member": str(self.checkpoint),
+                "sha256": str(meta.get("sha256", "unrecorded")), "license": str(meta.get("license", "Apache-2.0"))}
+
+    def _torch_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def begin_scene(self, overview: np.ndarray, *, gsd: float | None = None) -> None:
+        """One caption for the whole scene from its decimated, scaled view ``(C, h, w)``."""
+        import torch
+
+        self.prepare()
+        rgb = np.clip(np.nan_to_num(overview[:3] if overview.shape[0] >= 3 else np.repeat(overview[:1], 3, 0)), 0, 1)
+        self.caption = self._bundle.captions(torch.from_numpy(rgb[None].astype(np.float32)))[0]
+        log.info("scene caption: %s", self.caption)
+
+    def upscale(self, x: np.ndarray, scale: int) -> np.ndarray:
+        import torch
+
+        self.check_scale(scale)
+        self.prepare()
+        bundle = self._bundle
+        pipe = bundle.pipeline
+        c, h, w = x.shape
+        if c != 3:
+            raise ConfigError(f"mmsr takes 3 bands (RGB), got {c}")
+        # 1. pad the LR tile so that the output sides are multiples of what the UNet accepts
+        multiple = pipe.size_multiple // np.gcd(pipe.size_multiple, scale)
+        ph, pw = -h % multiple, -w % multiple
+        lr = np.clip(x, 0, 1)
+        if ph or pw:
+            lr = np.pad(lr, ((0, 0), (0, ph), (0, pw)), mode="reflect" if min(h, w) > max(ph, pw) else "edge")
+        device = pipe.device
+        lr_t = torch.from_numpy(np.ascontiguousarray(lr, dtype=np.float32))[None].to(device)  # (1, 3, h', w')
+        # 2-3. conditioning image, then modalities from it, as in training
+        cond = pipe.condition_image(lr_t)  # (1, 3, H', W')
+        codes = bundle.encode_maps(bundle.modality_maps(cond))
+        generator = torch.Generator(device="cpu").manual_seed(tile_seed(self.seed, x))
+        # 4. sample
+        prompt = self.caption if pipe.text_encoder is not None else None
+        negative = self.negative_prompt if (self.guidance > 0 and self.guidance_mode != "cfg"
+                                            and pipe.text_encoder is not None) else None
+        out = pipe(lr_t, modalities=codes, prompt=prompt, negative_prompt=negative, num_inference_steps=self.steps,
+                   guidance_scale=self.guidance, guidance_mode=self.guidance_mode,
+                   temperatures=self.temperatures or None, generator=generator, output_type="np",
+                   cond_image=cond).images[0]  # (3, H', W')
+        # 5. cut the padding
+        return np.ascontiguousarray(out[:, : h * scale, : w * scale], dtype=np.float32)
