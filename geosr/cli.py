@@ -45,6 +45,11 @@ def _add_diffusion(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", dest="temperatures", default=None, metavar="NAME=T,...",
                    help="per-modality attention temperature, e.g. depth=0.5,edges=2 (1 neutral; lower = stronger)")
     g.add_argument("--seed", type=int, default=None, help="noise seed (default 0)")
+    g.add_argument("--samsr-noise", dest="samsr_noise", type=float, default=None, metavar="A",
+                   help="SAMSR: weight of noise shared within land-cover segments (default 0: off)")
+    g.add_argument("--samsr-strength", dest="samsr_strength", default=None, metavar="CLASS=S,...",
+                   help="SAMSR: sampling strength per land-cover class in (0, 1], e.g. water=0.3,shadow=0.5 "
+                        "(classes: other, vegetation, water, shadow, bright); lower keeps closer to the input")
 
 
 def build_parser() -> argparse.ArgumentParser:

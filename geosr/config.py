@@ -47,6 +47,8 @@ class EnhanceConfig:
     guidance_mode: str = "m-cfg"  # cfg | m0-cfg | m-cfg: what the negative branch keeps (see the pipeline)
     temperatures: dict | str | None = None  # per-modality attention temperature, e.g. "depth=0.5,edges=2"; 1 neutral
     seed: int = 0  # noise seed (mixed with each tile's pixels, so results do not depend on tile order)
+    samsr_noise: float = 0.0  # SAMSR: weight of segment-shared noise (0: off); segments from the land-cover heuristic
+    samsr_strength: dict | str | None = None  # SAMSR: per-class sampling strength in (0, 1], e.g. "water=0.3,shadow=0.5"
 
     def to_dict(self) -> dict:
         d = asdict(self)

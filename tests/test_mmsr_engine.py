@@ -60,6 +60,19 @@ def test_parse_temperatures_aliases_and_errors():
             parse_temperatures(bad)
 
 
+def test_samsr_low_strength_stays_near_the_conditioning_image(checkpoint):
+    """With every class at a tiny strength the sampler keeps the bicubic conditioning image (residual model)."""
+    from geosr.models.resample import bicubic
+
+    rng = np.random.default_rng(1)
+    image = (rng.random((3, 16, 16)) * 255).astype(np.uint8)
+    cond = bicubic().upscale(image.astype(np.float32) / 255, 4) * 255
+    weak = "other=0.01,vegetation=0.01,water=0.01,shadow=0.01,bright=0.01"
+    kept = enhance_array(image, config(checkpoint, samsr_strength=weak)).astype(float)
+    free = enhance_array(image, config(checkpoint)).astype(float)
+    assert np.abs(kept - cond).mean() < 0.25 * np.abs(free - cond).mean()
+
+
 def test_tile_seed_depends_on_pixels_and_seed():
     a = np.zeros((3, 4, 4), np.float32)
     b = a.copy()
@@ -88,7 +101,8 @@ def test_settings_change_the_output(checkpoint):
     rng = np.random.default_rng(0)
     image = (rng.random((3, 24, 24)) * 255).astype(np.uint8)
     base = enhance_array(image, config(checkpoint))
-    for kw in ({"seed": 1}, {"temperatures": "edges=0.3,segmentation=5"}, {"guidance": 4.0}):
+    for kw in ({"seed": 1}, {"temperatures": "edges=0.3,segmentation=5"}, {"guidance": 4.0}, {"samsr_noise": 1.0},
+               {"samsr_strength": "other=0.3,vegetation=0.3,bright=0.3,shadow=0.3,water=0.3"}):
         other = enhance_array(image, config(checkpoint, **kw))
         assert other.shape == base.shape == (3, 96, 96)
         assert np.abs(other.astype(int) - base.astype(int)).max() > 0, kw
@@ -104,6 +118,10 @@ def test_missing_checkpoint_and_bad_settings(checkpoint, tmp_path):
         MMSRModel(checkpoint=tmp_path / "nope").prepare()
     with pytest.raises(ConfigError, match="unknown name foo"):
         MMSRModel().configure(config(checkpoint, temperatures="foo=2"))
+    with pytest.raises(ConfigError, match="--samsr-strength roads: unknown class"):
+        MMSRModel().configure(config(checkpoint, samsr_strength="roads=0.5"))
+    with pytest.raises(ConfigError, match=r"--samsr-strength water=2: give a strength in \(0, 1\]"):
+        MMSRModel().configure(config(checkpoint, samsr_strength="water=2"))
     with pytest.raises(ConfigError, match="--steps"):
         MMSRModel().configure(config(checkpoint, steps=0))
 

@@ -7,7 +7,8 @@ Per tile (:meth:`MMSRModel.upscale`):
 2. the conditioning image is bicubic(LR) (what the model was trained with);
 3. edges and segmentation are extracted from the conditioning image and tokenized (depth is missing: its null
    token), exactly as in training (:class:`~geosr.models.mmsr.bundle.MMSRBundle`);
-4. the pipeline samples with the run's steps, guidance and temperatures; the noise is seeded from the run's
+4. the pipeline samples with the run's steps, guidance and temperatures (and, with SAMSR on, segment-shared
+   noise and per-class strengths from the land-cover heuristic at the output resolution); the noise is seeded from the run's
    seed and the tile's own pixels, so a tile gives the same output whatever order tiles run in;
 5. the padding is cut off.
 """
@@ -47,6 +48,28 @@ def parse_temperatures(text: str | dict | None) -> dict[str, float]:
     return out
 
 
+def parse_strengths(text: str | dict | None) -> dict[int, float]:
+    """``"water=0.3,shadow=0.5"`` -> ``{2: 0.3, 3: 0.5}`` (class ids of the land-cover heuristic)."""
+    from ...conditioning import CLASSES
+
+    if text is None:
+        return {}
+    items = text.items() if isinstance(text, dict) else (
+        part.split("=", 1) if "=" in part else (part, "") for part in str(text).replace(" ", "").split(",") if part)
+    out: dict[int, float] = {}
+    for key, value in items:
+        if key not in CLASSES:
+            raise ConfigError(f"--samsr-strength {key}: unknown class; classes: {', '.join(CLASSES)}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = float("nan")
+        if not 0 < number <= 1:
+            raise ConfigError(f"--samsr-strength {key}={value}: give a strength in (0, 1] (1 = plain sampling)")
+        out[CLASSES.index(key)] = number
+    return out
+
+
 def tile_seed(seed: int, x: np.ndarray) -> int:
     """A 63-bit seed from the run's seed and the tile's pixels (order-independent, reproducible)."""
     h = hashlib.blake2b(np.ascontiguousarray(x, dtype=np.float32).tobytes(), digest_size=8, key=str(seed).encode())
@@ -68,6 +91,7 @@ class MMSRModel(SRModel):
         self.steps, self.guidance, self.guidance_mode = 4, 0.0, "m-cfg"
         self.temperatures: dict[str, float] = {}
         self.seed = 0
+        self.samsr_noise, self.samsr_strength = 0.0, {}
         self.negative_prompt: str | None = None
         self.caption = ""
         self._bundle = None
@@ -97,6 +121,10 @@ class MMSRModel(SRModel):
         self.guidance_mode = config.guidance_mode
         self.temperatures = parse_temperatures(config.temperatures)
         self.seed = config.seed
+        self.samsr_noise = float(config.samsr_noise)
+        self.samsr_strength = parse_strengths(config.samsr_strength)
+        if not (np.isfinite(self.samsr_noise) and self.samsr_noise >= 0):
+            raise ConfigError(f"--samsr-noise {config.samsr_noise}: give a weight >= 0 (0 = off)")
         if self.checkpoint is not None:
             self.prepare()
         if self._bundle is not None:
@@ -172,6 +200,13 @@ class MMSRModel(SRModel):
         cond = pipe.condition_image(lr_t)  # (1, 3, H', W')
         codes = bundle.encode_maps(bundle.modality_maps(cond))
         generator = torch.Generator(device="cpu").manual_seed(tile_seed(self.seed, x))
+        samsr = {}
+        if self.samsr_noise > 0 or self.samsr_strength:  # SAMSR: segments at the output resolution
+            from ...conditioning import heuristic_segmentation
+
+            seg = heuristic_segmentation(cond[0].cpu().numpy())  # (H', W')
+            samsr = {"segmentation": torch.from_numpy(seg)[None].to(device), "samsr_noise": self.samsr_noise,
+                     "samsr_strength": self.samsr_strength or None}
         # 4. sample
         prompt = self.caption if pipe.text_encoder is not None else None
         negative = self.negative_prompt if (self.guidance > 0 and self.guidance_mode != "cfg"
@@ -179,6 +214,6 @@ class MMSRModel(SRModel):
         out = pipe(lr_t, modalities=codes, prompt=prompt, negative_prompt=negative, num_inference_steps=self.steps,
                    guidance_scale=self.guidance, guidance_mode=self.guidance_mode,
                    temperatures=self.temperatures or None, generator=generator, output_type="np",
-                   cond_image=cond).images[0]  # (3, H', W')
+                   cond_image=cond, **samsr).images[0]  # (3, H', W')
         # 5. cut the padding
         return np.ascontiguousarray(out[:, : h * scale, : w * scale], dtype=np.float32)
