@@ -117,22 +117,29 @@ def lr_consistency(sr: np.ndarray, lr: np.ndarray) -> float:
     return psnr(_resize(sr, lr.shape[0]), lr)
 
 
-def run_method(method: str, lr: np.ndarray) -> tuple[np.ndarray, float]:
+def run_method(method: str | EnhanceConfig, lr: np.ndarray) -> tuple[np.ndarray, float]:
+    """Enhance one ``(y, x, 3)`` uint8 LR crop with a model name or a full configuration."""
     from .scene import enhance_array
 
+    config = method if isinstance(method, EnhanceConfig) else EnhanceConfig(model=method, scale=SCALE)
     chw = np.moveaxis(lr, -1, 0)
     t0 = time.perf_counter()
-    out = enhance_array(chw, EnhanceConfig(model=method, scale=SCALE))
+    out = enhance_array(chw, config)
     return np.moveaxis(out, 0, -1), time.perf_counter() - t0
 
 
 def run_bench(methods=None, degradations=("clean", "real"), *, lpips: bool = True, json_path: Path | None = None,
-              progress=None) -> list[Row]:
+              progress=None, variants: dict[str, EnhanceConfig] | None = None) -> list[Row]:
+    """Score ``methods`` (model names) and ``variants`` (label -> EnhanceConfig) on the protocol's crops."""
     from .models import get_model
 
-    methods = list(methods or DEFAULT_METHODS)
-    for m in methods:
-        get_model(m).prepare()  # fail early, with the fix, if weights are missing
+    configs = {m: EnhanceConfig(model=m, scale=SCALE) for m in (methods or ([] if variants else DEFAULT_METHODS))}
+    configs.update(variants or {})
+    methods = list(configs)
+    for config in configs.values():
+        model = get_model(config.model)
+        model.configure(config)
+        model.prepare()  # fail early, with the fix, if weights are missing
     lpips_fn = None
     if lpips:
         from .scoring.lpips import lpips_distance
@@ -146,7 +153,7 @@ def run_bench(methods=None, degradations=("clean", "real"), *, lpips: bool = Tru
         for method in methods:
             scores = []
             for hr, lr in zip(crops, lrs):
-                sr, seconds = run_method(method, lr)
+                sr, seconds = run_method(configs[method], lr)
                 y_sr, y_hr = luma(sr), luma(hr)
                 scores.append((psnr(y_hr, y_sr), ssim(y_hr, y_sr), lpips_fn(hr, sr) if lpips_fn else np.nan,
                                lr_consistency(sr, lr), seconds * (CROP * CROP) / (sr.shape[0] * sr.shape[1])))
@@ -159,6 +166,7 @@ def run_bench(methods=None, degradations=("clean", "real"), *, lpips: bool = Tru
             log.info("%s %s: %s", kind, method, rows[-1])
     if json_path is not None:
         Path(json_path).write_text(json.dumps({"protocol": "shared/BENCHMARK.md x4", "crops": CROPS,
+                                               "settings": {k: c.to_dict() for k, c in configs.items()},
                                                "rows": [asdict(r) for r in rows]}, indent=2))
     return rows
 

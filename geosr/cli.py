@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--degradations", default="clean,real", help="clean, real or both")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
+    _add_diffusion(p)
     return parser
 
 
@@ -181,9 +182,15 @@ def _cmd_weights(args) -> int:
 def _cmd_bench(args) -> int:
     from .bench import format_table, run_bench
 
-    methods = args.methods.split(",") if args.methods else None
-    results = run_bench(methods=methods, degradations=args.degradations.split(","), lpips=not args.no_lpips,
-                        json_path=args.json)
+    from dataclasses import replace
+
+    from .bench import DEFAULT_METHODS, SCALE
+
+    base = _config(args)  # the diffusion flags (checkpoint, steps, guidance, ...) apply to mmsr
+    methods = args.methods.split(",") if args.methods else list(DEFAULT_METHODS)
+    variants = {m: replace(base, model=m, scale=SCALE) for m in methods}
+    results = run_bench(degradations=args.degradations.split(","), lpips=not args.no_lpips, json_path=args.json,
+                        variants=variants)
     print(format_table(results))
     if args.json:
         print(f"wrote {args.json}")

@@ -109,8 +109,9 @@ class MMSRModel(SRModel):
 
     @property
     def receptive_field(self) -> int:
-        # the cross-attention makes every output pixel depend on the whole tile; the convolutions reach a few px
-        return 6
+        # the cross-attention makes every output pixel depend on the whole tile; the convolutions reach a few px.
+        # Capped at tile / 8 so the default overlap always fits the tile the model was trained at.
+        return max(1, min(6, self.default_tile // 8))
 
     def configure(self, config) -> None:
         """Take the run's MMSR settings (checkpoint, steps, guidance, temperatures, seed) from EnhanceConfig."""
