@@ -69,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None, help="YAML with any of the settings; flags override it")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
+    p = sub.add_parser("train", help="train the MMSR diffusion model (tokenizers, then conditioner and UNet)")
+    p.add_argument("--config", type=Path, required=True, help="training YAML (e.g. configs/mmsr_small.yaml)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output folder")
+    p.add_argument("--steps", type=int, default=None, help="total diffusion steps (overrides the config)")
+    p.add_argument("--output", type=Path, default=None, help="run folder (overrides the config)")
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="overrides the config")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
     p = sub.add_parser("info", help="describe a raster and what enhancing it would take")
     p.add_argument("input", type=Path)
     _add_tiling(p)
@@ -114,22 +122,11 @@ def _cmd_enhance(args) -> int:
     out = args.output or Path.cwd() / f"{args.input.stem}_x{config.scale}.tif"
     if args.preview and args.preview.exists() and not config.overwrite:  # before minutes of work, not after
         raise GeosrError(f"{args.preview}: already exists; pass --overwrite to replace it")
-    bar = None
-    progress = None
-    if not args.quiet:
-        from tqdm import tqdm
-
-        def progress(done, total, message):
-            nonlocal bar
-            if bar is None:  # created once tiling starts, so errors while opening print alone
-                bar = tqdm(total=total, unit="tile", desc=f"geosr x{config.scale}", file=sys.stderr, dynamic_ncols=True)
-            bar.n = done
-            bar.refresh()
+    progress, close = _progress_bar(args, "tile", f"geosr x{config.scale}")
     try:
         result = enhance_scene(args.input, out, config, progress=progress)
     finally:
-        if bar is not None:
-            bar.close()
+        close()
     print(f"wrote {result.path} ({result.shape[2]}x{result.shape[1]}, {result.shape[0]} bands, "
           f"model {result.tags['GEOSR_MODEL']}, {result.tiles} tiles, {result.seconds:.1f} s)")
     if args.preview:
@@ -137,6 +134,61 @@ def _cmd_enhance(args) -> int:
 
         write_preview(args.input, result.path, args.preview, scale=config.scale, bands=config.bands)
         print(f"wrote {args.preview}")
+    return 0
+
+
+def _progress_bar(args, unit: str, desc: str):
+    """``(progress callback, close)``: a tqdm bar on stderr created at the first call, or nothing with -q."""
+    if args.quiet:
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar = None
+
+    def progress(done, total, message):
+        nonlocal bar
+        if bar is None:  # created once work starts, so errors while opening print alone
+            bar = tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, dynamic_ncols=True)
+        bar.total = total
+        bar.n = done
+        bar.set_postfix_str(message, refresh=False)
+        bar.refresh()
+
+    return progress, lambda: bar.close() if bar is not None else None
+
+
+def _cmd_train(args) -> int:
+    from dataclasses import replace
+
+    from .training.loop import TrainConfig, train
+
+    try:
+        config = TrainConfig.from_yaml(args.config.read_text())
+    except OSError as err:
+        raise GeosrError(f"{args.config}: cannot read the training config ({err.strerror})") from err
+    overrides = {k: v for k, v in (("steps", args.steps), ("device", args.device),
+                                   ("output", None if args.output is None else str(args.output))) if v is not None}
+    config = replace(config, **overrides)
+    import signal
+
+    interrupted = []
+
+    def on_sigint(signum, frame):  # first Ctrl-C: finish the step, write a checkpoint, stop; second: abort
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted.append(signum)
+        print("\ngeosr: stopping after this step (a checkpoint is written); Ctrl-C again to abort", file=sys.stderr)
+
+    progress, close = _progress_bar(args, "step", "geosr train")
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        result = train(config, resume=args.resume, progress=progress, should_stop=lambda: bool(interrupted))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        close()
+    state = "stopped" if result.stopped else "done"
+    print(f"{state}: {result.steps} steps, final loss {result.final_loss:.4f}, {result.seconds:.0f} s; "
+          f"model in {result.final or result.checkpoint}")
     return 0
 
 
@@ -225,8 +277,8 @@ def _quiet_native_stderr():
         sys.stderr = old_stderr
 
 
-COMMANDS = {"enhance": _cmd_enhance, "info": _cmd_info, "models": _cmd_models, "weights": _cmd_weights,
-            "bench": _cmd_bench}
+COMMANDS = {"enhance": _cmd_enhance, "train": _cmd_train, "info": _cmd_info, "models": _cmd_models,
+            "weights": _cmd_weights, "bench": _cmd_bench}
 
 
 def main(argv=None) -> int:

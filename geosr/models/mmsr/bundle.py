@@ -8,8 +8,8 @@ A bundle folder holds::
 
 Training writes bundles (``geosr.training``); the ``mmsr`` model of the tiled engine loads them
 (:mod:`geosr.models.mmsr.model`). Both make the conditions through the same three methods, so what the model
-saw in training is what it sees at inference: :meth:`MMSRBundle.modality_maps` (image -> maps),
-:meth:`MMSRBundle.encode_maps` (maps -> codes) and :meth:`MMSRBundle.captions` (image -> caption).
+saw in training is what it sees at inference: :meth:`MMSRBundle.conditions` (image -> maps and caption) and
+:meth:`MMSRBundle.encode_maps` (maps -> codes).
 Training extracts them from the HR image, inference from the conditioning image (the LR upsampled), as in the
 MMSR paper (sec. 3). Depth/height has no extractor: it is missing (null token) unless a caller supplies codes.
 """
@@ -155,20 +155,34 @@ class MMSRBundle:
             raise ConfigError(f"images of shape {tuple(images.shape)}: expected (B, 3, H, W) in [0, 1]")
         return images.detach().float().cpu().numpy()
 
-    def modality_maps(self, images: Tensor) -> dict[str, Tensor]:
-        """``(B, 3, H, W)`` in [0, 1] -> tokenizer inputs at ``map_size``: edges ``(B, 1, S, S)`` float (edge
-        density after area resizing), segmentation ``(B, S, S)`` long (nearest). Only modalities the model has."""
-        from ...conditioning import canny_edges, heuristic_segmentation
+    def conditions(self, images: Tensor) -> tuple[dict[str, Tensor], list[str]]:
+        """``(B, 3, H, W)`` in [0, 1] -> (tokenizer inputs, captions), each map extracted once per image.
+
+        Maps are resized to ``map_size``: edges ``(B, 1, S, S)`` float (edge density after area resizing),
+        segmentation ``(B, S, S)`` long (nearest); only the modalities the model has. Captions describe each
+        image's own segmentation and edges (no GSD: usually unknown in training data).
+        """
+        from ...conditioning import canny_edges, describe, heuristic_segmentation
 
         arrays, size = self._numpy(images), self.config.map_size
+        edges = np.stack([canny_edges(a) for a in arrays])  # (B, H, W)
+        seg = np.stack([heuristic_segmentation(a) for a in arrays])  # (B, H, W)
+        captions = [describe(s, edges=e) for s, e in zip(seg, edges)]
         maps: dict[str, Tensor] = {}
         if "edges" in self.tokenizers:
-            edges = torch.from_numpy(np.stack([canny_edges(a) for a in arrays]))[:, None]  # (B, 1, H, W)
-            maps["edges"] = F.interpolate(edges, size=(size, size), mode="area")
+            maps["edges"] = F.interpolate(torch.from_numpy(edges)[:, None], size=(size, size), mode="area")
         if "segmentation" in self.tokenizers:
-            seg = torch.from_numpy(np.stack([heuristic_segmentation(a) for a in arrays]))[:, None].float()
-            maps["segmentation"] = F.interpolate(seg, size=(size, size), mode="nearest")[:, 0].long()
-        return maps
+            grid = F.interpolate(torch.from_numpy(seg)[:, None].float(), size=(size, size), mode="nearest")
+            maps["segmentation"] = grid[:, 0].long()
+        return maps, captions
+
+    def modality_maps(self, images: Tensor) -> dict[str, Tensor]:
+        """The tokenizer inputs of :meth:`conditions`."""
+        return self.conditions(images)[0]
+
+    def captions(self, images: Tensor) -> list[str]:
+        """The captions of :meth:`conditions`."""
+        return self.conditions(images)[1]
 
     @torch.no_grad()
     def encode_maps(self, maps: dict[str, Tensor]) -> dict[str, Tensor | None]:
@@ -180,12 +194,6 @@ class MMSRBundle:
             tok = self.tokenizers[name]
             codes[name] = tok.encode(value.to(tok.codebook.device))
         return codes
-
-    def captions(self, images: Tensor) -> list[str]:
-        """One structured caption per image, from its own segmentation and edges (no GSD: usually unknown)."""
-        from ...conditioning import canny_edges, describe, heuristic_segmentation
-
-        return [describe(heuristic_segmentation(a), edges=canny_edges(a)) for a in self._numpy(images)]
 
     def set_tokenizer(self, name: str, tokenizer: ModalityTokenizer) -> None:
         """Use a (trained) tokenizer for ``name`` and initialise the conditioner's code table from its codebook."""

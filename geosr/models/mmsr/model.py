@@ -199,7 +199,7 @@ class MMSRModel(SRModel):
         lr_t = torch.from_numpy(np.ascontiguousarray(lr, dtype=np.float32))[None].to(device)  # (1, 3, h', w')
         # 2-3. conditioning image, then modalities from it, as in training
         cond = pipe.condition_image(lr_t)  # (1, 3, H', W')
-        codes = bundle.encode_maps(bundle.modality_maps(cond))
+        codes = bundle.encode_maps(bundle.conditions(cond)[0])
         generator = torch.Generator(device="cpu").manual_seed(tile_seed(self.seed, x))
         samsr = {}
         if self.samsr_noise > 0 or self.samsr_strength:  # SAMSR: segments at the output resolution
