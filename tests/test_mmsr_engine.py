@@ -26,7 +26,7 @@ TINY = MMSRConfig(text_encoder="hash", text_dim=16, num_latents=4, connector_dep
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     bundle = build_bundle(TINY, seed=0)
-    bundle.meta["steps"] = 0
+    bundle.meta["trained_steps"] = 0
     return bundle.save(tmp_path_factory.mktemp("mmsr") / "tiny")
 
 

@@ -13,6 +13,7 @@ from geosr.bench import degrade as bench_degrade
 from geosr.bench import to_8bit
 from geosr.config import data_dir
 from geosr.errors import ConfigError
+from geosr.models.mmsr.bundle import MMSRBundle
 from geosr.training.data import CropSampler, find_images, read_rgb8
 from geosr.training.degrade import DegradationConfig, degrade, to_uint8
 from geosr.training.loop import TrainConfig, Trainer, draw_drop_flags, train
@@ -241,3 +242,23 @@ def test_config_refuses_unknown_keys():
         TrainConfig.from_yaml("model:\n  unet_chanels: [8]\n")
     with pytest.raises(ConfigError, match="jpeg_qual"):
         TrainConfig.from_yaml("degradation:\n  jpeg_qual: [1, 2]\n")
+
+
+def test_cli_train_then_resume_through_the_entry_point(tmp_path):
+    """`geosr train` runs the tiny config, refuses to overwrite the run, and --resume continues to more steps."""
+    import subprocess
+    import sys
+
+    if not (data_dir() / "train").is_dir():
+        pytest.skip("no training data (set GEOSR_DATA)")
+    config = Path(__file__).parent.parent / "configs" / "mmsr_tiny.yaml"
+    base = [sys.executable, "-m", "geosr", "train", "--config", str(config), "--output", str(tmp_path / "run"), "-q"]
+    first = subprocess.run(base + ["--steps", "4"], capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("done: 4 steps")
+    again = subprocess.run(base + ["--steps", "6"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 1 and "--resume" in again.stderr and again.stderr.count("\n") == 1
+    resumed = subprocess.run(base + ["--steps", "6", "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.startswith("done: 6 steps")
+    assert MMSRBundle.load(tmp_path / "run" / "final").meta["trained_steps"] == 6

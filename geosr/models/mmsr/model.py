@@ -153,13 +153,14 @@ class MMSRModel(SRModel):
         path = resolve_checkpoint(self.checkpoint)
         self._bundle = MMSRBundle.load(path, device=self._torch_device())
         self._loaded_from = key
-        log.info("loaded MMSR checkpoint %s (%s)", path, self._bundle.meta.get("summary", "no summary"))
+        log.info("loaded MMSR checkpoint %s (%s training steps)", path, self._bundle.meta.get("trained_steps", "?"))
 
     def provenance(self) -> dict[str, str]:
         if self._bundle is None:
             return {}
         meta = self._bundle.meta
-        return {"package": f"geosr-trained:{Path(str(self.checkpoint)).name}", "version": str(meta.get("steps", "?")),
+        return {"package": f"geosr-trained:{Path(str(self.checkpoint)).name}",
+                "version": f"{meta.get('trained_steps', '?')} steps",
                 "registry": "local checkpoint", "member": str(self.checkpoint),
                 "sha256": str(meta.get("sha256", "unrecorded")), "license": str(meta.get("license", "Apache-2.0"))}
 
