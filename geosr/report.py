@@ -20,6 +20,7 @@ def scene_info(path, config: EnhanceConfig) -> list[str]:
 
     scene = open_scene(path, bands=config.bands, nodata=config.nodata)
     model = get_model(config.model, device=config.device)
+    model.configure(config)  # a checkpoint sets the tile of a diffusion model
     grid = plan((scene.height, scene.width), model, config)
     out_h, out_w = grid.out_shape
     gsd_x, gsd_y = scene.gsd
