@@ -9,11 +9,13 @@ least at high w. Every setting runs on the same crops, in one run, next to bicub
 from __future__ import annotations
 
 import argparse
-import json
+from dataclasses import replace
 import sys
 from pathlib import Path
 
-from geosr.bench import SCALE, format_table, run_bench
+from mmsr_compare import run_variants
+
+from geosr.bench import SCALE
 from geosr.config import EnhanceConfig
 
 MODES = ("cfg", "m0-cfg", "m-cfg")
@@ -34,18 +36,8 @@ def main(argv=None) -> int:
     variants = {"bicubic": EnhanceConfig(model="bicubic", scale=SCALE), "mmsr w=0": base}
     for w in (float(v) for v in args.weights.split(",")):
         for mode in MODES:
-            variants[f"mmsr {mode} w={w:g}"] = EnhanceConfig(**(base.to_dict() | {"guidance": w, "guidance_mode": mode}))
-
-    def progress(done, total, message):
-        print(f"\r{done}/{total} {message:<40}", end="", file=sys.stderr, flush=True)
-
-    rows = run_bench(degradations=args.degradations.split(","), variants=variants, progress=progress)
-    print(file=sys.stderr)
-    print(format_table(rows))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"checkpoint": args.checkpoint, "steps": args.steps,
-                                         "rows": [r.__dict__ for r in rows]}, indent=2))
+            variants[f"mmsr {mode} w={w:g}"] = replace(base, guidance=w, guidance_mode=mode)
+    run_variants(variants, args.degradations, args.json, checkpoint=args.checkpoint, steps=args.steps)
     return 0
 
 
