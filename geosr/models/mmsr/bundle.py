@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 INDEX = "mmsr.json"
-TEXT_ENCODERS = ("minilm", "hash", "none")
+TEXT_ENCODERS = ("minilm", "hash", "none", "base")
 EXTRACTABLE = ("edges", "segmentation")  # modalities computed from the image itself
 
 
@@ -50,7 +50,7 @@ class MMSRConfig:
     unshuffle: int = 2  # pixel-unshuffle factor of the working space
     residual: bool = True  # diffuse the residual over the conditioning image (see pipeline docstring)
     modalities: tuple[str, ...] = ("depth", "segmentation", "edges")  # spatial modalities, in sequence order
-    text_encoder: str = "minilm"  # "minilm" (offline all-MiniLM-L6-v2, D=384), "hash" (tests), "none"
+    text_encoder: str = "minilm"  # "minilm" (offline all-MiniLM-L6-v2, D=384), "hash" (tests), "none", "base"
     text_dim: int = 384  # D: width of text states, modality tokens and latents
     num_latents: int = 32  # N: latents of the connector
     connector_depth: int = 2  # L: self-attention blocks of the connector
@@ -66,18 +66,24 @@ class MMSRConfig:
     num_train_timesteps: int = 1000  # diffusion steps of the training schedule
     prediction_type: str = "v_prediction"  # "epsilon" or "v_prediction"
     beta_schedule: str = "linear"  # DDPM beta schedule of the scheduler
+    # a Stable Diffusion 2 folder or Hugging Face id: latent space with its VAE, its UNet (conv_in widened,
+    # zero-initialised) and, with text_encoder "base", its CLIP text encoder (text_dim must then be its width,
+    # 1024 for SD2). unshuffle and the UNet sizes above are then unused. None: pixel space, a fresh UNet.
+    base: str | None = None
 
     def __post_init__(self) -> None:
         self.modalities = tuple(self.modalities)
         self.unet_channels = tuple(self.unet_channels)
         if self.text_encoder not in TEXT_ENCODERS:
             raise ConfigError(f"text_encoder={self.text_encoder!r}: choose one of {', '.join(TEXT_ENCODERS)}")
+        if self.text_encoder == "base" and not self.base:
+            raise ConfigError("text_encoder='base' needs base: a Stable Diffusion 2 folder or Hugging Face id")
         if self.text_encoder == "minilm" and self.text_dim != 384:
             raise ConfigError(f"text_dim={self.text_dim}: the MiniLM text encoder gives 384-wide states")
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ConfigError(f"prediction_type={self.prediction_type!r}: choose epsilon or v_prediction")
         multiple = self.unshuffle * 2 ** (len(self.unet_channels) - 1)
-        if (self.tile * self.scale) % multiple:
+        if not self.base and (self.tile * self.scale) % multiple:
             raise ConfigError(f"tile={self.tile}: tile x scale must be divisible by {multiple} (unshuffle x UNet "
                               "downsampling)")
 
@@ -128,9 +134,31 @@ def _scheduler(cfg: MMSRConfig):
                          prediction_type=cfg.prediction_type, timestep_spacing="trailing", clip_sample=False)
 
 
-def _text_encoder(cfg: MMSRConfig, *, device: str = "cpu"):
-    from .text import HashTextConfig, HashTextEncoder, MiniLMTextEncoder
+def _local(name_or_path: str) -> bool:
+    """Load only local files unless ``name_or_path`` is not a local folder (then it is a Hub id: allow downloads)."""
+    return Path(name_or_path).exists()
 
+
+def _from_base(cfg: MMSRConfig):
+    """``(unet, vae)`` of the Stable Diffusion base: the VAE as is, the UNet with zero-initialised extra inputs."""
+    from diffusers import AutoencoderKL
+
+    from .sd2 import unet_from_sd2
+
+    local = _local(cfg.base)
+    try:
+        vae = AutoencoderKL.from_pretrained(cfg.base, subfolder="vae", local_files_only=local, use_safetensors=True)
+    except (OSError, ValueError) as err:
+        raise WeightsError(f"base={cfg.base}: cannot load its VAE from vae/ ({str(err).splitlines()[0]})") from err
+    unet = unet_from_sd2(cfg.base, extra_in_channels=vae.config.latent_channels, local_files_only=local)
+    return unet, vae.requires_grad_(False)
+
+
+def _text_encoder(cfg: MMSRConfig, *, device: str = "cpu"):
+    from .text import CLIPTextEncoder, HashTextConfig, HashTextEncoder, MiniLMTextEncoder
+
+    if cfg.text_encoder == "base":
+        return CLIPTextEncoder(cfg.base, device=device, local_files_only=_local(cfg.base))
     if cfg.text_encoder == "minilm":
         return MiniLMTextEncoder(device=device)
     if cfg.text_encoder == "hash":
@@ -264,7 +292,8 @@ def build_bundle(config: MMSRConfig, *, seed: int = 0, device: str = "cpu") -> M
         modalities=config.modalities, text_dim=config.text_dim, num_latents=config.num_latents,
         depth=config.connector_depth, heads=config.heads, codebook_size=config.codebook_size,
         code_dim=config.code_dim, grid_size=config.grid_size))
-    pipe = MMSRPipeline(unet=_unet(config), scheduler=_scheduler(config), conditioner=conditioner,
+    unet, vae = _from_base(config) if config.base else (_unet(config), None)
+    pipe = MMSRPipeline(unet=unet, vae=vae, scheduler=_scheduler(config), conditioner=conditioner,
                         text_encoder=_text_encoder(config, device=device), scale=config.scale,
                         unshuffle=config.unshuffle, residual=config.residual)
     pipe.set_progress_bar_config(disable=True)

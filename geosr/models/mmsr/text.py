@@ -193,3 +193,46 @@ class MiniLMTextEncoder:
         states = out["token_embeddings"].float()  # (B, T, 384)
         mask = out["attention_mask"].bool()  # (B, T)
         return states * mask[..., None], mask
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+class CLIPTextEncoder:
+    """A Stable Diffusion base model's own CLIP text encoder: last hidden states ``(B, 77, D)``, D = 1024 for SD2.
+
+    Loaded from ``<base>/text_encoder`` and ``<base>/tokenizer`` (a local folder, or a Hugging Face id when
+    ``local_files_only=False``), frozen, on first use. SD2 reads every one of the 77 positions, padding included,
+    so the mask is all True (as the SD2 UNet was trained).
+    """
+
+    def __init__(self, base: str | Path, *, device: str = "cpu", local_files_only: bool = True):
+        from transformers import CLIPTextConfig
+
+        self.base, self.device, self.local_files_only = str(base), device, local_files_only
+        try:
+            config = CLIPTextConfig.from_pretrained(self.base, subfolder="text_encoder",
+                                                    local_files_only=local_files_only)
+        except (OSError, ValueError) as err:
+            raise WeightsError(f"{base}: no CLIP text encoder in text_encoder/ ({str(err).splitlines()[0]})") from err
+        self.dim = config.hidden_size
+        self._model = self._tokenizer = None
+
+    def _load(self):
+        if self._model is None:
+            from transformers import CLIPTextModel, CLIPTokenizer
+
+            kw = {"local_files_only": self.local_files_only}
+            self._tokenizer = CLIPTokenizer.from_pretrained(self.base, subfolder="tokenizer", **kw)
+            model = CLIPTextModel.from_pretrained(self.base, subfolder="text_encoder", use_safetensors=True, **kw)
+            self._model = model.to(self.device).eval().requires_grad_(False)
+        return self._model, self._tokenizer
+
+    def encode(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        texts = _check_texts(texts)
+        model, tokenizer = self._load()
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(self.device)  # (B, 77)
+        with torch.no_grad():
+            states = model(ids).last_hidden_state.float()  # (B, 77, D)
+        return states, torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
