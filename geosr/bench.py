@@ -66,10 +66,12 @@ def load_crops(root: Path | None = None) -> list[np.ndarray]:
     return crops
 
 
-def _resize(img: np.ndarray, size: int) -> np.ndarray:
+def _resize(img: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Antialiased bicubic (PIL) resize to ``size`` px square or ``(height, width)``."""
     from PIL import Image
 
-    return np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))
+    h, w = (size, size) if isinstance(size, int) else size
+    return np.asarray(Image.fromarray(img).resize((w, h), Image.BICUBIC))
 
 
 def degrade(hr: np.ndarray, kind: str, index: int) -> np.ndarray:
@@ -113,8 +115,8 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def lr_consistency(sr: np.ndarray, lr: np.ndarray) -> float:
-    """PSNR (RGB) between the output downscaled by 4 (antialiased bicubic) and the LR input it was given."""
-    return psnr(_resize(sr, lr.shape[0]), lr)
+    """PSNR (RGB) between the output downscaled to the LR's size (antialiased bicubic) and the LR input."""
+    return psnr(_resize(sr, lr.shape[:2]), lr)
 
 
 def run_method(method: str | EnhanceConfig, lr: np.ndarray) -> tuple[np.ndarray, float]:

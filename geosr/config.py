@@ -74,3 +74,26 @@ class EnhanceConfig:
         if raw.get("bands") is not None:
             raw["bands"] = tuple(raw["bands"])
         return cls(**raw)
+
+
+@dataclass(kw_only=True)
+class ScoreConfig:
+    """Every tunable of ``geosr score``. Recorded in the JSON report's ``settings``."""
+
+    lpips: bool = True  # LPIPS against the reference (needs `geosr weights fetch lpips`; else reported missing)
+    lpips_net: str = "alex"  # LPIPS backbone: alex (BENCHMARK.md) or vgg
+    psnr_cap_db: float = 100.0  # PSNR of identical images (inf) is reported as this, so JSON stays finite
+    map_window: int = 9  # SR px per side of the box over which the unexplained detail energy is averaged
+    road_pixel_m: float = 1.0  # road masks are skeletonised on a grid of about this pixel size (m)
+    road_min_length_m: float = 15.0  # road pieces (connected components) shorter than this are dropped
+    road_spur_m: float = 6.0  # skeleton spurs (dead ends) shorter than this are pruned
+    apls_spacing_m: float = 30.0  # APLS control points: junctions, ends, and one about every this many metres
+    apls_snap_m: float = 4.0  # a control point matches the other graph where a road of it lies within this (m)
+    apls_dense_m: float = 1.0  # graphs are densified to this node spacing (m) before snapping
+    building_min_area_m2: float = 20.0  # building polygons smaller than this are dropped
+    building_match_iou: float = 0.3  # an SR building matches a reference building at or above this IoU
+    orientation_bins: int = 18  # bins of the orientation histogram over [0, 90) degrees
+    crop_px: int = 256  # side of the before/after crops in the HTML report (SR px)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

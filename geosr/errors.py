@@ -19,3 +19,11 @@ class ConfigError(GeosrError):
 
 class WeightsError(GeosrError):
     """Model weights are missing or cannot be fetched/converted."""
+
+
+class GridError(InputError):
+    """Rasters that must share a grid (SR and reference) or nest in one (SR and LR) do not line up."""
+
+
+class VectorError(InputError):
+    """A vector file (roads, buildings) is missing, unreadable, has no CRS or no usable layer."""
