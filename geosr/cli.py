@@ -95,6 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
     _add_diffusion(p)
+
+    p = sub.add_parser("score", help="how good and how honest an SR output is: metrics, maps, reports")
+    p.add_argument("sr", type=Path, help="the SR output (GeoTIFF)")
+    p.add_argument("--lr", type=Path, required=True, help="the LR input it was made from")
+    p.add_argument("--reference", type=Path, default=None, help="HR reference on the SR grid (full-reference metrics)")
+    p.add_argument("--roads", type=Path, default=None, help="road centrelines (any vector format, any CRS)")
+    p.add_argument("--roads-layer", dest="roads_layer", default=None, help="layer of --roads (default: guessed)")
+    p.add_argument("--buildings", type=Path, default=None, help="building footprints (any vector format, any CRS)")
+    p.add_argument("--buildings-layer", dest="buildings_layer", default=None,
+                   help="layer of --buildings (default: guessed)")
+    p.add_argument("--json", type=Path, default=None, help="write every number and the settings here")
+    p.add_argument("--html", type=Path, default=None, help="write a one-file HTML report here")
+    p.add_argument("--map", type=Path, default=None, help="write the hallucination map (GeoTIFF, SR grid) here")
+    p.add_argument("--no-lpips", dest="no_lpips", action="store_true", help="skip LPIPS")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -249,6 +265,47 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _cmd_score(args) -> int:
+    from .config import ScoreConfig
+    from .scoring import score_scene
+
+    progress, close = _progress_bar(args, "step", "geosr score")
+    try:
+        result = score_scene(args.sr, args.lr, reference=args.reference, roads_path=args.roads,
+                             buildings_path=args.buildings, roads_layer=args.roads_layer,
+                             buildings_layer=args.buildings_layer, config=ScoreConfig(lpips=not args.no_lpips),
+                             json_path=args.json, html_path=args.html, map_path=args.map, overwrite=args.overwrite,
+                             progress=progress)
+    finally:
+        close()
+    r = result.report
+    fr, fa, ro, bu, se = r["full_reference"], r["faithfulness"], r["roads"], r["buildings"], r["semantic"]
+    print(f"scale x{r['inputs']['scale']}, {r['inputs']['sr_size'][0]}x{r['inputs']['sr_size'][1]} px")
+    if "psnr_y" in fr:
+        print(f"full reference: PSNR-Y {_fmt(fr['psnr_y'], '.2f')} dB, SSIM-Y {_fmt(fr['ssim_y'], '.4f')}, "
+              f"LPIPS {_fmt(fr['lpips'], '.4f')}" + (f" ({fr['note']})" if fr.get("note") else ""))
+    else:
+        print(f"full reference: {fr['note']}")
+    print(f"no reference: {r['no_reference']['note']}")
+    print(f"faithfulness: LR-consistency {_fmt(fa['lr_consistency_db'], '.2f')} dB, hallucination map mean "
+          f"{fa['map']['map_mean']:.2f} (residual {fa['map']['residual_mean']:.2f} + detail "
+          f"{fa['map']['detail_mean']:.2f}) luma levels")
+    print(f"semantic: mean IoU {_fmt(se['mean_iou'], '.4f')} vs {se['against']}")
+    print(f"roads: APLS {_fmt(ro['apls'], '.4f')} vs {ro['against']}; components {ro['reference_graph']['components']}"
+          f" -> {ro['output_graph']['components']}" + (f" ({ro['note']})" if ro.get("note") else ""))
+    print(f"buildings: {bu['matched']} of {bu['reference_buildings']} matched, median |angle error| "
+          f"{_fmt(bu['angle_error_median_abs_deg'], '.2f')} deg, histogram intersection "
+          f"{_fmt(bu['histogram_intersection'], '.3f')} vs {bu['against']}" + (f" ({bu['note']})" if bu.get("note")
+                                                                              else ""))
+    for path in result.written:
+        print(f"wrote {path}")
+    return 0
+
+
 @contextlib.contextmanager
 def _quiet_native_stderr():
     """Send C libraries' direct writes to fd 2 (libtiff's "_tiffWriteProc: ...") to /dev/null.
@@ -278,7 +335,7 @@ def _quiet_native_stderr():
 
 
 COMMANDS = {"enhance": _cmd_enhance, "train": _cmd_train, "info": _cmd_info, "models": _cmd_models,
-            "weights": _cmd_weights, "bench": _cmd_bench}
+            "weights": _cmd_weights, "bench": _cmd_bench, "score": _cmd_score}
 
 
 def main(argv=None) -> int:

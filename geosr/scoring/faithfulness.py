@@ -17,6 +17,8 @@ texture pasted into a flat area raises both there. Band order of the GeoTIFF: ma
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .. import bench
@@ -62,6 +64,7 @@ def write_map(path, maps: dict[str, np.ndarray], *, crs, transform, overwrite: b
     import rasterio
 
     from ..io.write import atomic_output, tagged_profile
+    from .report import _umask
 
     h, w = maps["map"].shape
     profile = tagged_profile(height=h, width=w, count=3, dtype="float32", crs=crs, transform=transform, nodata=None)
@@ -72,3 +75,4 @@ def write_map(path, maps: dict[str, np.ndarray], *, crs, transform, overwrite: b
                 dst.set_band_description(i, name)
             dst.update_tags(GEOSR_MAP="hallucination map: residual + detail, 8-bit luma levels (see geosr.scoring."
                                       "faithfulness)")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the map is an ordinary file

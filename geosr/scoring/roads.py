@@ -58,11 +58,13 @@ def _coarsen(mask: np.ndarray, f: int) -> np.ndarray:
 
 def clean_mask(mask: np.ndarray, cell_m: float) -> np.ndarray:
     """Morphology in metres: drop strokes under ~3 m wide, fill car-sized holes, drop specks under 50 m²."""
+    from scipy import ndimage
     from skimage import morphology
 
     r = max(1, int(round(1.5 / cell_m)))
-    m = morphology.binary_opening(mask, morphology.disk(r))
-    m = morphology.binary_closing(m, morphology.disk(r))
+    disk = morphology.disk(r)
+    m = ndimage.binary_opening(mask, disk)
+    m = ndimage.binary_closing(np.pad(m, r, mode="edge"), disk)[r:-r, r:-r]  # padded: no erosion at the edge
     m = morphology.remove_small_holes(m, max_size=max(1, int(30 / cell_m**2)))
     return morphology.remove_small_objects(m, max_size=max(1, int(50 / cell_m**2)))
 
