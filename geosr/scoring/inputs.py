@@ -42,7 +42,7 @@ class Raster:
     def bounds(self) -> tuple[float, float, float, float]:
         """(min x, min y, max x, max y) of the four corners in CRS units."""
         h, w = self.shape
-        xs, ys = zip(*(self.transform * (c, r) for c, r in ((0, 0), (w, 0), (0, h), (w, h))))
+        xs, ys = zip(*(self.transform @ (c, r) for c, r in ((0, 0), (w, 0), (0, h), (w, h))))
         return min(xs), min(ys), max(xs), max(ys)
 
 
@@ -102,7 +102,7 @@ def _check_pair(sr: Raster, lr: Raster) -> int:
                         f"({b})")
     s = H // h
     if sr.crs is not None:
-        expected = lr.transform * Affine.scale(1 / s)
+        expected = lr.transform @ Affine.scale(1 / s)
         if not np.allclose(tuple(sr.transform)[:6], tuple(expected)[:6], rtol=1e-9,
                            atol=1e-6 * math.hypot(expected.a, expected.d)):
             raise GridError(f"{a}: grids do not line up: SR transform {tuple(sr.transform)[:6]} is not the LR's "
@@ -129,7 +129,7 @@ def pixel_size_m(crs, transform: Affine, shape: tuple[int, int]) -> tuple[float,
     if crs is None:
         return px, py
     if crs.is_geographic:
-        _, lat = transform * (shape[1] / 2, shape[0] / 2)
+        _, lat = transform @ (shape[1] / 2, shape[0] / 2)
         m_per_deg = 111_320.0  # equatorial metres per degree (spherical approximation)
         return px * m_per_deg * math.cos(math.radians(lat)), py * m_per_deg
     factor = crs.linear_units_factor[1] if crs.linear_units else 1.0
