@@ -7,8 +7,8 @@ Pipeline:
    asphalt, not roads: parking lots and grey roofs pass too. Both graphs of a comparison come from the same
    rule unless the reference is a vector layer (``--roads``).
 2. **Graph.** The mask is skeletonised (``skimage.morphology.skeletonize``), every skeleton pixel becomes a node
-   joined to its 8 neighbours (weight: distance in metres), dead ends shorter than ``road_spur_m`` are pruned and
-   pieces shorter than ``road_min_length_m`` dropped. Vector lines are noded at their crossings and densified.
+   joined to its 8 neighbours (weight: distance in metres), dead ends shorter than ``road_spur_m`` are pruned,
+   pieces shorter than ``road_min_length_m`` dropped, and dead ends near the raster's edge continued to it. Vector lines are noded at their crossings and densified.
    Either way the graph is a :mod:`networkx` graph whose nodes carry ``xy`` in the frame
    (:mod:`geosr.scoring.vectors`) and whose edges are at most about ``apls_dense_m`` long.
 3. **APLS** (Van Etten et al., SpaceNet 3; own implementation). Control points are placed on graph ``G``: every
@@ -147,6 +147,35 @@ def prune(g, *, spur_m: float, min_length_m: float):
     return g
 
 
+EDGE_REACH_M = 8.0  # dead ends this close to the raster's edge are extended to it (the skeleton stops short)
+
+
+def extend_to_edge(g, *, extent_m: tuple[float, float], reach_m: float = EDGE_REACH_M, step_m: float = 1.0):
+    """Continue each dead end within ``reach_m`` of the frame's edge straight to the nearest edge.
+
+    A skeleton ends about half a road width before the raster's edge, where the road itself runs on; without
+    this, every road leaving the scene would miss its reference end point by a few metres.
+    """
+    w, h = extent_m
+    for n in [n for n in g if g.degree(n) == 1]:
+        x, y = g.nodes[n]["xy"]
+        gaps = {"left": x, "right": w - x, "top": -y, "bottom": h + y}
+        side = min(gaps, key=gaps.get)
+        gap = gaps[side]
+        if not 0 < gap <= reach_m:
+            continue
+        end = {"left": (0.0, y), "right": (w, y), "top": (x, 0.0), "bottom": (x, -h)}[side]
+        k = max(1, int(math.ceil(gap / step_m)))
+        prev = n
+        for i in range(1, k + 1):
+            t = i / k
+            node = ("edge", n, i)
+            g.add_node(node, xy=(x + (end[0] - x) * t, y + (end[1] - y) * t))
+            _add_edge(g, prev, node)
+            prev = node
+    return g
+
+
 def graph_from_mask(mask: np.ndarray, *, pixel_m: tuple[float, float], config):
     """``(H, W)`` bool road mask on the SR grid -> pruned road graph in the frame."""
     from skimage.morphology import skeletonize
@@ -155,7 +184,9 @@ def graph_from_mask(mask: np.ndarray, *, pixel_m: tuple[float, float], config):
     cell = (pixel_m[0] * f, pixel_m[1] * f)
     coarse = clean_mask(_coarsen(mask, f), min(cell))
     g = graph_from_skeleton(skeletonize(coarse), cell=cell)
-    return prune(g, spur_m=config.road_spur_m, min_length_m=config.road_min_length_m)
+    g = prune(g, spur_m=config.road_spur_m, min_length_m=config.road_min_length_m)
+    extent = (mask.shape[1] * pixel_m[0], mask.shape[0] * pixel_m[1])
+    return extend_to_edge(g, extent_m=extent, step_m=config.apls_dense_m)
 
 
 def graph_from_lines(lines, *, dense_m: float):
