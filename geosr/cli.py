@@ -297,7 +297,8 @@ def _cmd_score(args) -> int:
     print(f"semantic: mean IoU {_fmt(se['mean_iou'], '.4f')} vs {se['against']}")
     print(f"roads: APLS {_fmt(ro['apls'], '.4f')} vs {ro['against']}; components {ro['reference_graph']['components']}"
           f" -> {ro['output_graph']['components']}" + (f" ({ro['note']})" if ro.get("note") else ""))
-    print(f"buildings: {bu['matched']} of {bu['reference_buildings']} matched, median |angle error| "
+    print(f"buildings: {bu['matched']} of {bu['reference_buildings']} matched, {bu['oriented']} oriented, "
+          f"median |angle error| "
           f"{_fmt(bu['angle_error_median_abs_deg'], '.2f')} deg, histogram intersection "
           f"{_fmt(bu['histogram_intersection'], '.3f')} vs {bu['against']}" + (f" ({bu['note']})" if bu.get("note")
                                                                               else ""))

@@ -57,7 +57,7 @@ def test_rotating_each_building_is_measured_back_per_building(footprints, angle)
     turned = np.array([affinity.rotate(p, angle, origin="centroid") for p in polys], dtype=object)
     out = buildings.compare(polys, turned, CONFIG)
     expected = float(buildings.angle_error(0.0, angle))  # the angle itself: all of ANGLES lie in [-45, 45)
-    assert out["matched"] >= 0.85 * len(polys)
+    assert out["matched"] >= 0.85 * len(polys) and out["oriented"] >= 0.85 * len(polys)
     assert out["angle_error_median_deg"] == pytest.approx(expected, abs=1e-6)
     assert out["angle_error_median_abs_deg"] == pytest.approx(abs(expected), abs=1e-6)
 
@@ -65,7 +65,7 @@ def test_rotating_each_building_is_measured_back_per_building(footprints, angle)
 def test_unrotated_layer_agrees_perfectly(footprints):
     _, polys, _ = footprints
     out = buildings.compare(polys, polys, CONFIG)
-    assert out["matched"] == len(polys) and out["recall"] == 1.0 and out["precision"] == 1.0
+    assert out["matched"] == out["oriented"] == len(polys) and out["recall"] == 1.0 and out["precision"] == 1.0
     assert out["angle_error_mean_abs_deg"] == 0.0 and out["histogram_intersection"] == pytest.approx(1.0)
     assert out["dominant_shift_deg"] == pytest.approx(0.0, abs=1e-9)
 

@@ -9,8 +9,10 @@
    rectangle looks the same turned by 90°): ``[0, 90)``. The angle error of a matched pair is the signed
    difference wrapped to ``[-45, 45)``.
 4. **Matching.** Reference and output buildings are paired one to one, greedily by IoU, down to
-   ``building_match_iou``. The report gives per-building errors (signed, so a rotation shows), their mean
-   and median magnitude, the area-weighted orientation histograms (``orientation_bins`` over ``[0, 90)``),
+   ``building_match_iou``: ``matched``, ``recall`` and ``precision`` count these pairs. Orientation is
+   compared for every reference building that one output polygon covers at least half of (``oriented``;
+   touching buildings that the mask merged into one block all take that block's orientation). The report
+   gives these per-building errors (signed, so a rotation shows), their mean and median magnitude, the area-weighted orientation histograms (``orientation_bins`` over ``[0, 90)``),
    their intersection (1: the same distribution) and each layer's dominant orientation: the area-weighted
    circular mean on the 90° circle, ``atan2(sum w sin 4a, sum w cos 4a) / 4``. Rotating a whole layer by
    ``t`` shifts every orientation, hence the dominant one, by exactly ``t`` (mod 90), matched or not.
@@ -119,6 +121,25 @@ def match(ref: np.ndarray, out: np.ndarray, *, min_iou: float) -> list[tuple[int
     return pairs
 
 
+def cover(ref: np.ndarray, out: np.ndarray, *, min_share: float = 0.5) -> list[tuple[int, int, float]]:
+    """``(ref index, out index, share)``: for each reference building the output polygon covering most of it,
+    when that covers at least ``min_share`` of its area. Several may share one output polygon (a terrace the
+    mask merged into one block)."""
+    import shapely
+
+    if len(ref) == 0 or len(out) == 0:
+        return []
+    ri, oi = shapely.STRtree(out).query(ref, predicate="intersects")
+    if len(ri) == 0:
+        return []
+    share = shapely.area(shapely.intersection(ref[ri], out[oi])) / shapely.area(ref[ri])
+    best: dict[int, tuple[int, float]] = {}
+    for r, o, v in zip(ri.tolist(), oi.tolist(), share.tolist()):
+        if v >= min_share and v > best.get(r, (-1, -1.0))[1]:
+            best[r] = (o, v)
+    return [(r, o, v) for r, (o, v) in sorted(best.items())]
+
+
 def compare(ref: np.ndarray, out: np.ndarray, config) -> dict:
     """Everything the report says about the output's buildings against the reference's."""
     import shapely
@@ -126,7 +147,8 @@ def compare(ref: np.ndarray, out: np.ndarray, config) -> dict:
     a_ref, a_out = orientations(ref), orientations(out)
     w_ref, w_out = shapely.area(ref) if len(ref) else np.zeros(0), shapely.area(out) if len(out) else np.zeros(0)
     pairs = match(ref, out, min_iou=config.building_match_iou)
-    err = angle_error(a_ref[[p[0] for p in pairs]], a_out[[p[1] for p in pairs]]) if pairs else np.zeros(0)
+    covered = cover(ref, out)
+    err = angle_error(a_ref[[p[0] for p in covered]], a_out[[p[1] for p in covered]]) if covered else np.zeros(0)
     h_ref = histogram(a_ref, w_ref, config.orientation_bins)
     h_out = histogram(a_out, w_out, config.orientation_bins)
     d_ref, d_out = dominant(a_ref, w_ref), dominant(a_out, w_out)
@@ -134,6 +156,7 @@ def compare(ref: np.ndarray, out: np.ndarray, config) -> dict:
         "reference_buildings": int(len(ref)), "output_buildings": int(len(out)), "matched": len(pairs),
         "recall": len(pairs) / len(ref) if len(ref) else None,
         "precision": len(pairs) / len(out) if len(out) else None,
+        "oriented": len(covered),
         "angle_error_mean_abs_deg": float(np.mean(np.abs(err))) if len(err) else None,
         "angle_error_median_abs_deg": float(np.median(np.abs(err))) if len(err) else None,
         "angle_error_median_deg": float(np.median(err)) if len(err) else None,
@@ -141,8 +164,8 @@ def compare(ref: np.ndarray, out: np.ndarray, config) -> dict:
         "dominant_shift_deg": None if d_ref is None or d_out is None else float(angle_error(d_ref, d_out)),
         "histogram_intersection": float(np.minimum(h_ref, h_out).sum()) if len(ref) and len(out) else None,
         "histogram_reference": h_ref.tolist(), "histogram_output": h_out.tolist(),
-        "per_building": [{"reference": r, "output": o, "iou": iou, "reference_deg": float(a_ref[r]),
+        "per_building": [{"reference": r, "output": o, "covered": share, "reference_deg": float(a_ref[r]),
                           "output_deg": float(a_out[o]), "error_deg": float(e)}
-                         for (r, o, iou), e in zip(pairs, err)],
+                         for (r, o, share), e in zip(covered, err)],
         "note": None if len(out) else "no buildings found in the output",
     }

@@ -193,8 +193,9 @@ def _rows(report: dict) -> list[tuple[str, str, str]]:
          f"{ro['reference_graph']['components']} / {ro['output_graph']['components']}"),
         ("buildings", f"median |angle error| (deg) vs {bu.get('against')}",
          num(bu.get("angle_error_median_abs_deg"), "{:.2f}")),
-        ("buildings", "matched / reference / output",
-         f"{bu.get('matched')} / {bu.get('reference_buildings')} / {bu.get('output_buildings')}"),
+        ("buildings", "matched one to one / oriented / reference / output",
+         f"{bu.get('matched')} / {bu.get('oriented')} / {bu.get('reference_buildings')} / "
+         f"{bu.get('output_buildings')}"),
         ("buildings", "orientation histogram intersection", num(bu.get("histogram_intersection"))),
         ("buildings", "dominant orientation shift (deg)", num(bu.get("dominant_shift_deg"), "{:.2f}")),
     ]
