@@ -46,6 +46,18 @@ class ScoreResult:
     seconds: float = 0.0
 
 
+def _require(html: bool) -> None:
+    """Fail before any work, naming the extra, when a package of ``geosr[score]`` is missing."""
+    import importlib.util
+
+    from ..errors import ConfigError
+
+    needed = ["networkx", "shapely", "pyogrio", "skimage", "scipy"] + (["matplotlib"] if html else [])
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"geosr score needs {', '.join(missing)}: pip install 'geosr[score]'")
+
+
 def _check_outputs(outputs: list[Path | None], inputs: list[Path | None], *, overwrite: bool) -> None:
     from ..io.write import check_output_path
 
@@ -136,6 +148,7 @@ def score_scene(sr, lr, *, reference=None, roads_path=None, buildings_path=None,
     config = config or ScoreConfig()
     t0 = time.perf_counter()
     in_paths = [p if isinstance(p, (str, Path)) else None for p in (sr, lr, reference)]
+    _require(html_path is not None)
     _check_outputs([map_path, json_path, html_path], in_paths, overwrite=overwrite)
     steps = ["read", "full reference", "faithfulness", "semantic", "roads", "buildings", "write"]
     done = 0
