@@ -172,3 +172,12 @@ def test_building_vectors_in_other_crss_are_reprojected_and_agree(data, prague_s
     assert a["angle_error_median_abs_deg"] == pytest.approx(b["angle_error_median_abs_deg"], abs=1e-6)
     ref_a, ref_b = by_3857.building_polygons["reference"], by_4326.building_polygons["reference"]
     assert np.allclose(shapely.area(ref_a), shapely.area(ref_b), rtol=1e-6)
+
+
+def test_progress_reports_every_step_then_done(trio):
+    sr, lr, hr = trio
+    calls = []
+    score_scene(sr, lr, reference=hr, config=ScoreConfig(lpips=False), progress=lambda *a: calls.append(a))
+    done = [c[0] for c in calls]
+    assert done == sorted(done) and done[0] == 0 and calls[-1] == (7, 7, "done")
+    assert all(total == 7 and isinstance(msg, str) and msg for _, total, msg in calls)

@@ -2,9 +2,10 @@
 
 Pipeline:
 
-1. **Mask.** :func:`road_mask` is a heuristic (no learning): grey, unsaturated, mid-bright pixels that the
-   land-cover heuristic calls ``other``, cleaned by morphology on a grid of about ``road_pixel_m``. It finds
-   asphalt, not roads: parking lots and grey roofs pass too. Both graphs of a comparison come from the same
+1. **Mask.** :func:`road_mask` is a heuristic (no learning): dark, unsaturated pixels (relative to the scene)
+   that the land-cover heuristic calls neither vegetation nor water, cleaned by morphology on a grid of about
+   ``road_pixel_m``. It finds asphalt, not roads: parking lots and dark roofs pass too (on the SpaceNet Vegas
+   sample, a strip mall, the HR image's graph scores APLS 0.15 against the true centrelines). Both graphs of a comparison come from the same
    rule unless the reference is a vector layer (``--roads``).
 2. **Graph.** The mask is skeletonised (``skimage.morphology.skeletonize``), every skeleton pixel becomes a node
    joined to its 8 neighbours (weight: distance in metres), dead ends shorter than ``road_spur_m`` are pruned,
@@ -34,15 +35,23 @@ log = logging.getLogger(__name__)
 
 
 def road_mask(rgb: np.ndarray) -> np.ndarray:
-    """``(H, W, 3)`` uint8 -> ``(H, W)`` bool: unsaturated mid-grey surfaces (the heuristic road candidates)."""
-    from ..conditioning.segmentation import OTHER
+    """``(H, W, 3)`` uint8 -> ``(H, W)`` bool: dark, unsaturated surfaces (the heuristic's road candidates).
+
+    Relative to the scene: luma in the lowest 30 % of its 2-98 percentile range, saturation under 0.3, and not
+    vegetation or water by the land-cover heuristic. Asphalt passes, and so do parking lots and dark roofs.
+    """
+    from ..conditioning.segmentation import VEGETATION, WATER
     from .semantic import segment
 
     x = rgb.astype(np.float32) / 255.0
     luma = 0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2]
-    hi, lo = x.max(axis=-1), x.min(axis=-1)
-    saturation = (hi - lo) / (hi + 1e-6)
-    return (segment(rgb) == OTHER) & (saturation < 0.2) & (luma > 0.12) & (luma < 0.7)
+    lo, hi = np.percentile(luma, [2, 98])
+    if hi - lo < 1e-3:  # a flat image: nothing tells a road from its surroundings
+        return np.zeros(luma.shape, dtype=bool)
+    top, bottom = x.max(axis=-1), x.min(axis=-1)
+    saturation = (top - bottom) / (top + 1e-6)
+    labels = segment(rgb)
+    return (((luma - lo) / (hi - lo) < 0.3) & (saturation < 0.3) & (labels != VEGETATION) & (labels != WATER))
 
 
 def _coarsen(mask: np.ndarray, f: int) -> np.ndarray:
