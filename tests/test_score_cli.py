@@ -90,17 +90,34 @@ def test_output_equal_to_an_input_is_refused(run_cli, trio):
     assert lr.read_bytes() == before
 
 
-@pytest.mark.parametrize("case,pattern", [("extent", "differs from the LR's"), ("missing", "no such file")])
-def test_bad_input_is_one_line_naming_the_file(run_cli, trio, make_tif, case, pattern):
+@pytest.mark.parametrize("case,pattern", [("extent", "differs from the LR's"), ("missing", "no such file"),
+                                          ("roads", "no such file"), ("layer", "choose the roads layer")])
+def test_bad_input_is_one_line_naming_the_file(run_cli, trio, make_tif, data, case, pattern):
     sr, lr, _ = trio
+    extra, named = [], sr
     if case == "extent":
         with rasterio.open(sr) as s:
-            sr = make_tif(s.read(), "moved.tif", crs=CRS, transform=T_SR @ Affine.translation(0, 8))
-    else:
-        sr = sr.with_name("nope.tif")
-    proc = run_cli("score", sr, "--lr", lr, "-q")
+            sr = named = make_tif(s.read(), "moved.tif", crs=CRS, transform=T_SR @ Affine.translation(0, 8))
+    elif case == "missing":
+        sr = named = sr.with_name("nope.tif")
+    elif case == "roads":
+        named = sr.with_name("nope.gpkg")
+        extra = ["--roads", named]
+    else:  # two line layers, neither named after roads: which one is meant?
+        import pyogrio.raw
+
+        named = sr.with_name("layers.gpkg")
+        line = shapely.to_wkb(np.array([shapely.LineString([(2679070, 1247950), (2679150, 1247950)])]))
+        for layer in ("paths", "rails"):
+            pyogrio.raw.write(named, geometry=line, field_data=[], fields=[], crs=CRS, layer=layer,
+                              geometry_type="LineString", driver="GPKG")
+        proc = run_cli("score", sr, "--lr", lr, "--roads", named, "--roads-layer", "paths", "-q")
+        assert proc.returncode == 0, proc.stderr  # with the layer named, it works
+        assert "vs vectors" in proc.stdout
+        extra = ["--roads", named]
+    proc = run_cli("score", sr, "--lr", lr, *extra, "-q")
     assert_one_line_error(proc, pattern)
-    assert str(sr) in proc.stderr
+    assert str(named) in proc.stderr
 
 
 def test_no_roads_in_the_output_is_reported_not_a_crash(run_cli, make_tif):

@@ -73,8 +73,10 @@ def test_identical_images_score_perfect_fidelity_and_consistency(hr):
 
 @pytest.mark.parametrize("sigma", [1.0, 2.0])
 def test_blur_lowers_fidelity_and_detail_and_raises_residual(hr, sigma):
-    sharp, blurred = _score(hr, hr), _score(_blur(hr, sigma), hr)
+    sharp, blurred = _score(hr, hr), _score(_blur(hr, sigma), hr, lpips=HAVE_LPIPS)
     assert blurred["full_reference"]["ssim_y"] < sharp["full_reference"]["ssim_y"] - 0.05
+    if HAVE_LPIPS:
+        assert blurred["full_reference"]["lpips"] > 0.05
     assert blurred["full_reference"]["psnr_y"] < 35.0
     fs, fb = sharp["faithfulness"], blurred["faithfulness"]
     # blurring invents nothing (less unexplained detail) but contradicts the input (more residual, lower LRC)
@@ -128,6 +130,14 @@ def test_invented_texture_is_localised_by_the_map_though_lrc_barely_sees_it(hr):
     assert np.abs(added[outside]).mean() < 0.1  # nothing elsewhere: the map is local
     assert maps["detail"][inside].mean() > 3 * maps["detail"][outside].mean()  # above the crop's own detail
     assert lr_consistency(fake, lr, cap_db=CAP) > 35.0
+
+
+def test_missing_lpips_weights_are_a_note_not_a_failure(hr, tmp_path, monkeypatch):
+    monkeypatch.setenv("GEOSR_CACHE", str(tmp_path))  # an empty cache
+    r = _score(hr, hr, lpips=True)
+    assert r["full_reference"]["lpips"] is None
+    assert "LPIPS not computed" in r["full_reference"]["note"] and "geosr weights fetch" in r["full_reference"]["note"]
+    assert r["full_reference"]["psnr_y"] == CAP
 
 
 # --------------------------------------------------------------------------------------------- semantic
