@@ -30,8 +30,8 @@ def hr(data):
 
 
 def _raster(rgb, transform, crs=CRS):
-    return Raster(path=None, raw=np.ascontiguousarray(np.moveaxis(rgb, -1, 0)), crs=rasterio.crs.CRS.from_user_input(crs),
-                  transform=transform)
+    return Raster(path=None, raw=np.ascontiguousarray(np.moveaxis(rgb, -1, 0)),
+                  crs=rasterio.crs.CRS.from_user_input(crs), transform=transform)
 
 
 def _lr(hr):

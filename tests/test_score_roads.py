@@ -85,7 +85,8 @@ def _plus_mask(size_m=120, width_m=6, px=0.5, gap_m=0):
         g = int(gap_m / px)
         m[c - hw:c + hw, n // 5: n // 5 + g] = False
     centre = (c + 0.0) * px  # centre line, frame metres
-    lines = [shapely.LineString([(0, -centre), (size_m, -centre)]), shapely.LineString([(centre, 0), (centre, -size_m)])]
+    lines = [shapely.LineString([(0, -centre), (size_m, -centre)]),
+             shapely.LineString([(centre, 0), (centre, -size_m)])]
     return m, np.array(lines, dtype=object), px
 
 

@@ -5,12 +5,12 @@ Pipeline:
 1. **Mask.** :func:`road_mask` is a heuristic (no learning): dark, unsaturated pixels (relative to the scene)
    that the land-cover heuristic calls neither vegetation nor water, cleaned by morphology on a grid of about
    ``road_pixel_m``. It finds asphalt, not roads: parking lots and dark roofs pass too (on the SpaceNet Vegas
-   sample, a strip mall, the HR image's graph scores APLS 0.15 against the true centrelines). Both graphs of a comparison come from the same
-   rule unless the reference is a vector layer (``--roads``).
+   sample, a strip mall, the HR image's graph scores APLS 0.15 against the true centrelines). Both graphs of
+   a comparison come from the same rule unless the reference is a vector layer (``--roads``).
 2. **Graph.** The mask is skeletonised (``skimage.morphology.skeletonize``), every skeleton pixel becomes a node
    joined to its 8 neighbours (weight: distance in metres), dead ends shorter than ``road_spur_m`` are pruned,
-   pieces shorter than ``road_min_length_m`` dropped, and dead ends near the raster's edge continued to it. Vector lines are noded at their crossings and densified.
-   Either way the graph is a :mod:`networkx` graph whose nodes carry ``xy`` in the frame
+   pieces shorter than ``road_min_length_m`` dropped, and dead ends near the raster's edge continued to it.
+   Vector lines are noded at their crossings and densified. Either way the graph is a :mod:`networkx` graph whose nodes carry ``xy`` in the frame
    (:mod:`geosr.scoring.vectors`) and whose edges are at most about ``apls_dense_m`` long.
 3. **APLS** (Van Etten et al., SpaceNet 3; own implementation). Control points are placed on graph ``G``: every
    junction and dead end, and along each chain between them one about every ``apls_spacing_m``. Each is snapped to
