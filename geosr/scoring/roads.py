@@ -9,9 +9,10 @@ Pipeline:
    a comparison come from the same rule unless the reference is a vector layer (``--roads``).
 2. **Graph.** The mask is skeletonised (``skimage.morphology.skeletonize``), every skeleton pixel becomes a node
    joined to its 8 neighbours (weight: distance in metres), dead ends shorter than ``road_spur_m`` are pruned,
-   pieces shorter than ``road_min_length_m`` dropped, and dead ends near the raster's edge continued to it.
-   Vector lines are noded at their crossings and densified. Either way the graph is a :mod:`networkx` graph whose nodes carry ``xy`` in the frame
-   (:mod:`geosr.scoring.vectors`) and whose edges are at most about ``apls_dense_m`` long.
+   pieces shorter than ``road_min_length_m`` dropped, and dead ends near the raster's edge continued to it. Vector
+   lines are noded at their crossings and densified. Either way the graph is a :mod:`networkx` graph whose nodes
+   carry ``xy`` in the frame (:mod:`geosr.scoring.vectors`) and whose edges are at most about ``apls_dense_m``
+   long.
 3. **APLS** (Van Etten et al., SpaceNet 3; own implementation). Control points are placed on graph ``G``: every
    junction and dead end, and along each chain between them one about every ``apls_spacing_m``. Each is snapped to
    the nearest node of graph ``P`` within ``apls_snap_m``. For every pair ``(a, b)`` of control points joined in
