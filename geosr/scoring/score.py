@@ -1,6 +1,6 @@
 """``score_scene``: the one entry point behind ``geosr score`` (and, later, ``geosr bench``).
 
-1. check every output path before any work (never replace one without ``overwrite``);
+1. check every output path and vector layer before any work (never replace an output without ``overwrite``);
 2. read SR, LR and reference and check that their grids line up (``inputs``);
 3. full-reference metrics with an HR reference: PSNR-Y, SSIM-Y, LPIPS (``geosr.bench``, ``lpips``);
 4. faithfulness: LR-consistency and the hallucination map (``faithfulness``);
@@ -150,6 +150,9 @@ def score_scene(sr, lr, *, reference=None, roads_path=None, buildings_path=None,
     in_paths = [p if isinstance(p, (str, Path)) else None for p in (sr, lr, reference)]
     _require(html_path is not None)
     _check_outputs([map_path, json_path, html_path], in_paths, overwrite=overwrite)
+    for path, role, layer in ((roads_path, "roads", roads_layer), (buildings_path, "buildings", buildings_layer)):
+        if path is not None:  # before minutes of work, not after
+            vectors.resolve_layer(path, role, layer)
     steps = ["read", "full reference", "faithfulness", "semantic", "roads", "buildings", "write"]
     done = 0
 

@@ -47,15 +47,21 @@ def _choose_layer(path: Path, role: str, layer: str | None) -> str | None:
                       f"--{role}-layer")
 
 
+def resolve_layer(path, role: str, layer: str | None = None) -> str:
+    """The name of the ``role`` layer of ``path`` (cheap: reads the layer list only), or VectorError."""
+    path = Path(path)
+    if not path.exists():
+        raise VectorError(f"{path}: no such file")
+    return _choose_layer(path, role, layer)
+
+
 def read_layer(path, role: str, *, layer: str | None = None) -> tuple[np.ndarray, str]:
     """``(shapely geometries, CRS as text)`` of the ``role`` ('roads' or 'buildings') layer of ``path``."""
     import pyogrio
     import shapely
 
     path = Path(path)
-    if not path.exists():
-        raise VectorError(f"{path}: no such file")
-    name = _choose_layer(path, role, layer)
+    name = resolve_layer(path, role, layer)
     try:
         meta, _, wkb, _ = pyogrio.raw.read(path, layer=name, read_geometry=True, columns=[])
     except Exception as err:
