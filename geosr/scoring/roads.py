@@ -6,8 +6,8 @@ Pipeline:
    that the land-cover heuristic calls neither vegetation nor water, cleaned by morphology on a grid of about
    ``road_pixel_m``. It finds asphalt, not roads: parking lots and dark roofs pass too (on the SpaceNet Vegas
    sample, a strip mall, the HR image's graph scores APLS 0.15 against the true centrelines; on Zurich, with
-   light-grey roads and dark roofs, it finds no roads at all). Both graphs of
-   a comparison come from the same rule unless the reference is a vector layer (``--roads``).
+   light-grey roads and dark roofs, it finds no roads at all). Both graphs of a comparison come from the same
+   rule unless the reference is a vector layer (``--roads``).
 2. **Graph.** The mask is skeletonised (``skimage.morphology.skeletonize``), every skeleton pixel becomes a node
    joined to its 8 neighbours (weight: distance in metres), dead ends shorter than ``road_spur_m`` are pruned,
    pieces shorter than ``road_min_length_m`` dropped, and dead ends near the raster's edge continued to it. Vector
