@@ -172,12 +172,13 @@ def _lr_sr(make_tif, hr, *, sr_transform=T_SR, sr_crs=CRS, sr=None):
 
 @pytest.mark.parametrize("case,pattern", [
     ("crs", "CRS EPSG:32632 differs from the LR's EPSG:2056"),
+    ("nocrs", "CRS None differs from the LR's EPSG:2056"),
     ("extent", "extent"),
     ("grid", "grids do not line up"),
 ])
 def test_sr_and_lr_that_do_not_line_up_are_refused_naming_the_file(make_tif, hr, case, pattern):
-    if case == "crs":
-        sr, lr = _lr_sr(make_tif, hr, sr_crs="EPSG:32632")
+    if case in ("crs", "nocrs"):
+        sr, lr = _lr_sr(make_tif, hr, sr_crs="EPSG:32632" if case == "crs" else None)
     elif case == "extent":  # the same grid, moved by 10 SR px
         sr, lr = _lr_sr(make_tif, hr, sr_transform=T_SR @ Affine.translation(10, 0))
     else:  # 190 px across the LR's 48 px: same extent, no integer scale
