@@ -19,3 +19,11 @@ class ConfigError(GeosrError):
 
 class WeightsError(GeosrError):
     """Model weights are missing or cannot be fetched/converted."""
+
+
+class ConditionError(GeosrError):
+    """A conditioning input (DSM, land-cover raster, vector layer) is unusable for this scene."""
+
+
+class BackendError(GeosrError):
+    """An optional backend (transformers model, LLM endpoint) is not installed or cannot be reached."""
