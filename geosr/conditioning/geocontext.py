@@ -139,7 +139,8 @@ def describe_context(ctx: GeoContext, *, kind: str = "aerial image") -> str:
     if cover:
         parts.append("land cover: " + ", ".join(cover))
     if ctx.features:
-        parts.append("user vectors: " + ", ".join(f"{n} {k}" for k, n in ctx.features.items()))
+        present = [f"{n} {k}" for k, n in ctx.features.items() if n]
+        parts.append("user vectors: " + (", ".join(present) if present else "no roads, buildings or water"))
     if ctx.height_range is not None:
         parts.append(f"surface heights {ctx.height_range[0]:.0f} to {ctx.height_range[1]:.0f} m")
     return "; ".join(parts)

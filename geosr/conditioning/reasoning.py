@@ -83,7 +83,7 @@ def template_hypothesis(ctx: GeoContext) -> Hypothesis:
     built = share.get("other", 0) + share.get("bright", 0) + share.get("building", 0)
     roads = ctx.features.get("roads", 0) > 0 or share.get("road", 0) > 0
     buildings = ctx.features.get("buildings", 0) > 0 or share.get("building", 0) > 0 or built >= 0.2
-    water = share.get("water", 0) >= 0.02 or ctx.features.get("water", 0) > 0
+    water = share.get("water", 0) >= 0.05 or ctx.features.get("water", 0) > 0
     vegetation = share.get("vegetation", 0) >= 0.05
     fine = ctx.gsd is not None and ctx.gsd <= 1.0
     expected = []

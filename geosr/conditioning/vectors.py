@@ -222,3 +222,10 @@ class VectorLayers:
         out = rasterize(shapes, out_shape=tile.shape, transform=tile.transform, fill=UNLABELLED, dtype=np.uint8,
                         all_touched=self.all_touched)
         return out.astype(np.int64)
+
+    def counts_in(self, grid: SceneGrid) -> dict[str, int]:
+        """Features per kind that intersect ``grid`` (a tile or the scene)."""
+        import shapely
+
+        box = shapely.box(*grid.bounds)
+        return {KINDS[k]: int(len(self._trees[k].query(box, predicate="intersects"))) for k in DRAW_ORDER}
