@@ -143,7 +143,7 @@ def _scaled_tile(scene: Scene, r0: int, r1: int, c0: int, c1: int, step: int = 1
     keep = [b for b, alpha in enumerate(scene.alpha) if not alpha]  # a mask band is not imagery (nor NIR)
     if keep and len(keep) < len(scene.alpha):
         image = image[keep]
-    transform = scene.transform * Affine.translation(c0, r0) * Affine.scale(step)
+    transform = scene.transform @ Affine.translation(c0, r0) @ Affine.scale(step)
     return TileContext(image=image, transform=transform, crs=scene.crs, valid=valid, row=r0, col=c0)
 
 

@@ -29,7 +29,7 @@ class SceneGrid:
     @property
     def bounds(self) -> tuple[float, float, float, float]:
         """``(left, bottom, right, top)`` in the scene's CRS (also for rotated transforms: the envelope)."""
-        xs, ys = zip(*(self.transform * (c, r) for c, r in ((0, 0), (self.width, 0), (0, self.height),
+        xs, ys = zip(*(self.transform @ (c, r) for c, r in ((0, 0), (self.width, 0), (0, self.height),
                                                              (self.width, self.height))))
         return min(xs), min(ys), max(xs), max(ys)
 

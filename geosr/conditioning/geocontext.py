@@ -58,7 +58,7 @@ def centre_lonlat(grid: SceneGrid) -> tuple[float, float] | None:
         return None
     from rasterio.warp import transform
 
-    cx, cy = grid.transform * (grid.width / 2, grid.height / 2)
+    cx, cy = grid.transform @ (grid.width / 2, grid.height / 2)
     xs, ys = transform(grid.crs, "EPSG:4326", [cx], [cy])
     return float(xs[0]), float(ys[0])
 

@@ -37,7 +37,7 @@ class DsmHeight:
 
     def _scene_range(self, scene: SceneGrid) -> tuple[float, float]:
         f = max(1, -(-max(scene.height, scene.width) // STATS_SIDE))
-        coarse = SceneGrid(crs=scene.crs, transform=scene.transform * Affine.scale(f),
+        coarse = SceneGrid(crs=scene.crs, transform=scene.transform @ Affine.scale(f),
                            height=-(-scene.height // f), width=-(-scene.width // f))
         h = self.heights(coarse)
         values = h[np.isfinite(h)]
