@@ -264,7 +264,29 @@ def test_outputs_are_not_replaced_without_overwrite(data, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["caption.json", "edges.tif", "segmentation.tif"]
 
 
+def test_learned_backends_name_the_model_when_it_cannot_load(data, tmp_path, monkeypatch):
+    """The error path of every transformers backend, with a stand-in ``transformers`` that cannot reach the Hub."""
+    import sys
+    import types
+
+    fake = types.ModuleType("transformers")
+
+    def pipeline(task, model, device):
+        raise OSError(f"We couldn't connect to 'https://huggingface.co' to load {model}")
+
+    fake.pipeline = pipeline
+    monkeypatch.setitem(sys.modules, "transformers", fake)
+    for config, task in ((ModalitiesConfig(depth="transformers", depth_model="owner/depth"), "depth-estimation"),
+                         (ModalitiesConfig(segmentation="transformers", segmentation_model="owner/depth"),
+                          "image-segmentation"),
+                         (ModalitiesConfig(caption="transformers", caption_model="owner/depth"), "image-to-text")):
+        with pytest.raises(GeosrError, match=f"owner/depth: cannot load a {task} model .*Hugging Face Hub"):
+            extract_modalities(data / FIXTURE, tmp_path / task, config)
+
+
+@pytest.mark.slow
 def test_learned_backends_fail_with_a_clear_error_offline(data, tmp_path, monkeypatch):
+    """The same with the real transformers (its import alone takes about 30 s on 2 busy cores)."""
     pytest.importorskip("transformers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = ModalitiesConfig(depth="transformers", depth_model="no-such-owner/no-such-depth-model")
