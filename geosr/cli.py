@@ -246,7 +246,7 @@ def _cmd_modalities(args) -> int:
     finally:
         close()
     report = result.report
-    print(f"wrote {', '.join(p.name for p in result.files.values())} to {result.folder} ({result.tiles} tiles, "
+    print(f"wrote {', '.join(p.name for p in result.files.values())} to {result.folder} ({result.tiles} tile{'s' * (result.tiles != 1)}, "
           f"reasoning: {report['backend']['reasoning']}, {result.seconds:.1f} s)")
     print(f"caption: {report['caption']}")
     print(f"hypothesis: {report['hypothesis']['text']}")
