@@ -337,3 +337,36 @@ def test_vegas_roads_are_read_and_reprojected(data):
     box = shapely.box(*grid.bounds)  # scene and road polygons both in EPSG:4326 here
     polygons = shapely.intersection(shapely.union_all(layers.layers[ROAD].geometries), box)
     assert abs(share - polygons.area / box.area) < 0.01 and 0.1 < share < 0.3
+
+
+def test_osm_data_through_gdals_osm_driver(make_tif, tmp_path):
+    """An OSM file (XML here; .osm.pbf goes through the same driver): lanes from other_tags, buildings, no rails."""
+    from pyproj import Transformer
+
+    from geosr.conditioning.vectors import BUILDING, ROAD, VectorLayers
+
+    scene = make_tif(texture((3, 200, 200)), "scene.tif")  # EPSG:32632, 0.5 m, 500000..500100 E, ..5200000 N
+    to_ll = Transformer.from_crs("EPSG:32632", "EPSG:4326", always_xy=True)
+    points = {1: (499990, 5199950), 2: (500110, 5199950), 3: (500020, 5199990), 4: (500040, 5199990),
+              5: (500040, 5199970), 6: (500020, 5199970), 7: (499990, 5199910), 8: (500110, 5199910)}
+    nodes = "".join(f'<node id="{i}" version="1" lat="{to_ll.transform(*xy)[1]:.9f}" '
+                    f'lon="{to_ll.transform(*xy)[0]:.9f}"/>' for i, xy in points.items())
+
+    def way(i, refs, tags):
+        return (f'<way id="{i}" version="1">' + "".join(f'<nd ref="{r}"/>' for r in refs)
+                + "".join(f'<tag k="{k}" v="{v}"/>' for k, v in tags.items()) + "</way>")
+
+    path = tmp_path / "area.osm"
+    path.write_text('<?xml version="1.0"?><osm version="0.6">' + nodes
+                    + way(10, [1, 2], {"highway": "residential", "lanes": "4"})
+                    + way(11, [3, 4, 5, 6, 3], {"building": "yes"})
+                    + way(12, [7, 8], {"railway": "rail"}) + "</osm>")
+    grid = grid_of(scene)
+    layers = VectorLayers(path, scene=grid)
+    assert layers.counts == {"water": 0, "roads": 1, "buildings": 1}
+    labels = layers(tile_on(grid))
+    road_rows = (labels == ROAD).sum(axis=0)
+    assert np.all(np.abs(road_rows - 28) <= 1), np.unique(road_rows)  # 4 lanes x 3.5 m = 14 m = 28 px
+    assert (labels == BUILDING).sum() == pytest.approx(40 * 40, rel=0.05)  # 20 m x 20 m
+    assert (labels == BUILDING)[20:60, 40:80].mean() > 0.95
+    assert not (labels[170:190] > 0).any()  # the railway at 5199910 N is not drawn
