@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bands", type=_bands, default=None, help="bands in R,G,B(,NIR) order, 1-based, e.g. 3,2,1,4")
     p.add_argument("--nodata", type=float, default=None, help="nodata value (default: the file's)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="where transformers backends run")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs in the folder")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace existing outputs in the folder")
     p.add_argument("--config", type=Path, default=None, help="YAML with any ModalitiesConfig setting; flags override")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -237,8 +237,7 @@ def _cmd_modalities(args) -> int:
             config = ModalitiesConfig.from_yaml(args.config.read_text())
         except OSError as err:
             raise GeosrError(f"{args.config}: cannot read config ({err.strerror})") from err
-    given = {f.name: getattr(args, f.name) for f in fields(ModalitiesConfig)
-             if getattr(args, f.name, None) is not None and getattr(args, f.name) is not False}
+    given = {f.name: getattr(args, f.name) for f in fields(ModalitiesConfig) if getattr(args, f.name, None) is not None}
     config = replace(config, **given)
     progress, close = _progress_bar(args, "tile", "geosr modalities")
     try:

@@ -72,3 +72,16 @@ def test_modalities_with_a_down_llm_endpoint_warns_once_and_succeeds(run_cli, da
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "LLM endpoint not reachable" in lines[0] and lines[0].startswith("geosr: "), lines
     assert "reasoning: template" in proc.stdout
+
+
+def test_modalities_reads_a_yaml_config_and_flags_override_it(run_cli, data, tmp_path):
+    src = data / "fixtures" / "zurich_swissimage_tile00_175x120.tif"
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text("tile: 64\nregional: true\ndate: '2020-05-05'\n")
+    proc = run_cli("modalities", src, "-o", tmp_path / "a", "--config", cfg, "--no-regional", "-q")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "a" / "caption.json").read_text())
+    assert report["tiles"] == [] and "acquired 2020-05-05" in report["caption"]  # flag beat YAML, YAML beat default
+    assert "(6 tiles," in proc.stdout  # tile 64 from the YAML: 3 x 2 tiles
+    cfg.write_text("tile: 64\nnot_a_setting: 1\n")
+    assert_one_line_error(run_cli("modalities", src, "-o", tmp_path / "b", "--config", cfg), "unknown settings")

