@@ -172,7 +172,15 @@ def test_a_dsm_in_another_crs_is_reprojected_onto_the_scene_grid(data, tmp_path)
     assert norm.dtype == np.float32 and np.nanmin(norm) == 0.0 and np.nanmax(norm) == 1.0
 
 
-def _landcover(make_tif, *, crs="EPSG:4326", split_lon=None, colormap=True, categories=None, name="lc.tif"):
+RAT = ('<PAMDataset><PAMRasterBand band="1"><GDALRasterAttributeTable tableType="thematic">'
+       '<FieldDefn index="0"><Name>Value</Name><Type>0</Type><Usage>5</Usage></FieldDefn>'
+       '<FieldDefn index="1"><Name>Class_Name</Name><Type>2</Type><Usage>2</Usage></FieldDefn>'
+       '<Row index="0"><F>1</F><F>forest</F></Row><Row index="1"><F>2</F><F>urban</F></Row>'
+       '</GDALRasterAttributeTable></PAMRasterBand></PAMDataset>')
+
+
+def _landcover(make_tif, *, crs="EPSG:4326", split_lon=None, colormap=True, categories=None, rat=False,
+               name="lc.tif"):
     """Land cover over the synthetic scene (EPSG:32632, 500000 E / 5200000 N): class 1 west of ``split_lon``, 2 east."""
     from pyproj import Transformer
 
@@ -185,16 +193,16 @@ def _landcover(make_tif, *, crs="EPSG:4326", split_lon=None, colormap=True, cate
     with rasterio.open(path, "r+") as dst:
         if colormap:
             dst.write_colormap(1, {0: (0, 0, 0, 0), 1: (0, 200, 0, 255), 2: (200, 0, 0, 255)})
-        if categories:
-            dst.update_tags(1)  # no-op; category names go into the PAM sidecar below
-    if categories:
+    if rat:
+        path.with_name(path.name + ".aux.xml").write_text(RAT)
+    if categories:  # GDAL keeps category names of a GeoTIFF in its PAM sidecar
         cats = "".join(f"<Category>{c}</Category>" for c in categories)
         path.with_name(path.name + ".aux.xml").write_text(
             f'<PAMDataset><PAMRasterBand band="1"><CategoryNames>{cats}</CategoryNames></PAMRasterBand></PAMDataset>')
     return path
 
 
-@pytest.mark.parametrize("table", ["colormap", "categories"])
+@pytest.mark.parametrize("table", ["colormap", "categories", "rat"])
 def test_landcover_is_reprojected_with_nearest_and_keeps_its_class_table(make_tif, tmp_path, table):
     from pyproj import Transformer
 
@@ -203,7 +211,7 @@ def test_landcover_is_reprojected_with_nearest_and_keeps_its_class_table(make_ti
     scene = make_tif(texture((3, 64, 64)), "scene.tif")  # EPSG:32632, 0.5 m, corner 500000 E / 5200000 N
     grid = grid_of(scene)
     centre_lon, _ = Transformer.from_crs("EPSG:32632", "EPSG:4326", always_xy=True).transform(500016, 5199984)
-    lc = _landcover(make_tif, split_lon=centre_lon, colormap=table == "colormap",
+    lc = _landcover(make_tif, split_lon=centre_lon, colormap=table == "colormap", rat=table == "rat",
                     categories=["none", "forest", "urban"] if table == "categories" else None)
     extractor = LandcoverRaster(lc, scene=grid)
     labels = extractor(tile_on(grid))
@@ -219,9 +227,13 @@ def test_landcover_is_reprojected_with_nearest_and_keeps_its_class_table(make_ti
         names = json.loads(seg.tags()["GEOSR_CLASSES"])
         if table == "colormap":
             assert seg.colormap(1)[1] == (0, 200, 0, 255) and names["1"] == "class 1"
-        else:
+        elif table == "categories":
             assert names == {"0": "none", "1": "forest", "2": "urban"}
-    assert "forest" in result.report["caption"] or table == "colormap"
+        else:
+            assert names == {"1": "forest", "2": "urban"}
+    shares = result.report["context"]["landcover"]
+    assert set(shares) == ({"class 1", "class 2"} if table == "colormap" else {"forest", "urban"})
+    assert abs(shares[next(iter(shares))] - 0.5) < 0.05  # split down the middle
 
 
 # --------------------------------------------------------------------------------------------- bad input
@@ -262,6 +274,18 @@ def test_outputs_are_not_replaced_without_overwrite(data, tmp_path):
     assert (out / "edges.tif").stat().st_mtime_ns == before
     extract_modalities(data / FIXTURE, out, ModalitiesConfig(overwrite=True))
     assert sorted(p.name for p in out.iterdir()) == ["caption.json", "edges.tif", "segmentation.tif"]
+
+
+def test_a_cancelled_run_leaves_no_modality_files(data, tmp_path):
+    from geosr.scene import Cancelled
+
+    calls = []
+    with pytest.raises(Cancelled):
+        extract_modalities(data / FIXTURE, tmp_path / "m", ModalitiesConfig(tile=64),
+                           progress=lambda done, total, msg: calls.append((done, total)),
+                           should_stop=lambda: len(calls) > 2)
+    assert calls[:3] == [(0, 7), (1, 7), (2, 7)]  # the scene step, then tiles
+    assert list((tmp_path / "m").iterdir()) == []
 
 
 def test_learned_backends_name_the_model_when_it_cannot_load(data, tmp_path, monkeypatch):

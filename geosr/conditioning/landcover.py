@@ -41,8 +41,8 @@ def read_class_table(path: Path) -> ClassTable | None:
         colors = {int(k): tuple(int(c) for c in v) for k, v in cmap.items()}
     if not names and not colors:
         return None
-    if not names:
-        names = {k: f"class {k}" for k, v in colors.items() if v[3] > 0 or k == 0}
+    if not names:  # a colour table alone: name the entries that were given a colour (GDAL pads with black)
+        names = {k: f"class {k}" for k, v in colors.items() if tuple(v[:3]) != (0, 0, 0) and v[3] > 0}
     return ClassTable(names, colors)
 
 
