@@ -85,3 +85,19 @@ def test_modalities_reads_a_yaml_config_and_flags_override_it(run_cli, data, tmp
     assert "(6 tiles," in proc.stdout  # tile 64 from the YAML: 3 x 2 tiles
     cfg.write_text("tile: 64\nnot_a_setting: 1\n")
     assert_one_line_error(run_cli("modalities", src, "-o", tmp_path / "b", "--config", cfg), "unknown settings")
+
+
+def test_modalities_asks_an_openai_compatible_endpoint(run_cli, data, tmp_path, monkeypatch):
+    from test_modalities_reasoning import GOOD, ChatServer
+
+    monkeypatch.setenv("GEOSR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("OPENAI_API_KEY", "secret")
+    src = data / "fixtures" / "zurich_swissimage_tile00_175x120.tif"
+    with ChatServer(json.dumps(GOOD)) as server:
+        proc = run_cli("modalities", src, "-o", tmp_path / "mod", "--reasoning", "http", "--llm-url", server.url,
+                       "--reasoning-model", "local-llm", "--no-regional", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert "reasoning: http:local-llm" in proc.stdout and "sharp roof edges" in proc.stdout
+    assert len(server.requests) == 1 and server.requests[0]["auth"] == "Bearer secret"
+    report = json.loads((tmp_path / "mod" / "caption.json").read_text())
+    assert report["hypothesis"]["expected"] == GOOD["expected"] and report["backend"]["fallback"] is None
