@@ -1,7 +1,6 @@
 """Conditioning modalities from the user's data: alignment, reprojection, class tables, bad input (issue 4)."""
 
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -245,7 +244,8 @@ def _vectors_without_crs(tmp_path):
 
     path = tmp_path / "nocrs.gpkg"
     geoms = shapely.to_wkb(np.array([shapely.box(500000, 5199980, 500010, 5199990)], dtype=object))
-    pyogrio.raw.write(path, geoms, [], [], layer="buildings", driver="GPKG", geometry_type="Polygon", crs=None)
+    with pytest.warns(UserWarning, match="'crs' was not provided"):  # exactly what this file is for
+        pyogrio.raw.write(path, geoms, [], [], layer="buildings", driver="GPKG", geometry_type="Polygon", crs=None)
     return path
 
 

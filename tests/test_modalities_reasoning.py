@@ -6,13 +6,12 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import numpy as np
 import pytest
 
 from geosr.conditioning.geocontext import (GeoContext, acquisition_date, describe_context, ground_sample_distance,
                                            place_name)
 from geosr.conditioning.base import SceneGrid
-from geosr.conditioning.reasoning import (HttpBackend, Hypothesis, Reasoner, ReasoningCache, build_messages,
+from geosr.conditioning.reasoning import (HttpBackend, Hypothesis, Reasoner, ReasoningCache,
                                           parse_hypothesis, template_hypothesis)
 from geosr.config import ModalitiesConfig
 from geosr.modalities import extract_modalities
