@@ -187,7 +187,7 @@ def test_the_scene_step_runs_once_and_tiles_are_asked_once_per_distinct_prompt(d
     prompts = {json.dumps(r["body"]["messages"]) for r in server.requests}
     assert asked == len(prompts) <= 7  # the scene step + one per distinct tile prompt, never twice the same
     assert len(server.requests) == asked  # the second run asked nothing
-    assert all(t["cached"] for t in again.report["tiles"])
+    assert again.report["backend"]["cached"] and all(t["cached"] for t in again.report["tiles"])
     assert report["hypothesis"]["expected"] == GOOD["expected"]
     assert report["timing"]["scene_reasoning_s"] > 0
 
@@ -218,7 +218,7 @@ def test_the_offline_path_gives_every_scene_a_hypothesis(data, tmp_path, name, b
     result = extract_modalities(data / "scenes" / name, tmp_path / "m", config)
     report = result.report
     assert report["backend"] == {"caption": "template", "reasoning": "template", "reasoning_requested": "template",
-                                 "fallback": None}
+                                 "fallback": None, "cached": False}
     assert country in report["caption"] and "m per pixel" in report["caption"]
     h = report["hypothesis"]
     assert len(h["expected"]) >= 1 and len(h["forbidden"]) >= 2 and h["text"].startswith("expected: ")
