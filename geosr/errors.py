@@ -27,3 +27,11 @@ class GridError(InputError):
 
 class VectorError(InputError):
     """A vector file (roads, buildings) is missing, unreadable, has no CRS or no usable layer."""
+
+
+class ConditionError(GeosrError):
+    """A conditioning input (DSM, land-cover raster, vector layer) is unusable for this scene."""
+
+
+class BackendError(GeosrError):
+    """An optional backend (transformers model, LLM endpoint) is not installed or cannot be reached."""
