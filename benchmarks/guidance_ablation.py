@@ -28,14 +28,16 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--degradations", default="clean,real")
     p.add_argument("--weights", default=",".join(map(str, WEIGHTS)))
+    p.add_argument("--modes", default=",".join(MODES), help="guidance modes to run (split a long run over processes)")
+    p.add_argument("--no-baselines", action="store_true", help="leave out bicubic and w=0 (another process runs them)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
     base = EnhanceConfig(model="mmsr", scale=SCALE, checkpoint=args.checkpoint, steps=args.steps, threads=args.threads)
-    variants = {"bicubic": EnhanceConfig(model="bicubic", scale=SCALE), "mmsr w=0": base}
+    variants = {} if args.no_baselines else {"bicubic": EnhanceConfig(model="bicubic", scale=SCALE), "mmsr w=0": base}
     for w in (float(v) for v in args.weights.split(",")):
-        for mode in MODES:
+        for mode in args.modes.split(","):
             variants[f"mmsr {mode} w={w:g}"] = replace(base, guidance=w, guidance_mode=mode)
     run_variants(variants, args.degradations, args.json, checkpoint=args.checkpoint, steps=args.steps)
     return 0

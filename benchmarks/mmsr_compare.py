@@ -35,7 +35,7 @@ def run_variants(variants: dict[str, EnhanceConfig], degradations: str, json_pat
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoints", nargs="+", metavar="LABEL=DIR")
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--steps", default="4", help="denoising steps; a comma list (e.g. 2,4,8) runs each")
     p.add_argument("--guidance", type=float, default=0.0)
     p.add_argument("--guidance-mode", default="m-cfg")
     p.add_argument("--degradations", default="clean,real")
@@ -43,14 +43,17 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
+    steps_list = [int(v) for v in args.steps.split(",")]
     variants = {"bicubic": EnhanceConfig(model="bicubic", scale=SCALE)}
     for item in args.checkpoints:
         label, _, path = item.partition("=")
         if not path:
             p.error(f"{item}: give LABEL=DIR")
-        variants[label] = EnhanceConfig(model="mmsr", scale=SCALE, checkpoint=path, steps=args.steps,
-                                        guidance=args.guidance, guidance_mode=args.guidance_mode,
-                                        threads=args.threads)
+        for steps in steps_list:
+            name = label if len(steps_list) == 1 else f"{label} steps={steps}"
+            variants[name] = EnhanceConfig(model="mmsr", scale=SCALE, checkpoint=path, steps=steps,
+                                           guidance=args.guidance, guidance_mode=args.guidance_mode,
+                                           threads=args.threads)
     run_variants(variants, args.degradations, args.json)
     return 0
 
