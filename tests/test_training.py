@@ -228,7 +228,7 @@ def test_runs_refuse_what_they_cannot_continue(six_steps, tmp_path):
 # configuration
 
 
-@pytest.mark.parametrize("name", ["mmsr_tiny.yaml", "mmsr_small.yaml"])
+@pytest.mark.parametrize("name", ["mmsr_tiny.yaml", "mmsr_small.yaml", "mmsr_small_direct.yaml"])
 def test_shipped_configs_parse(name):
     cfg = TrainConfig.from_yaml((REPO / "configs" / name).read_text())
     assert cfg.hr_crop % (cfg.model.scale * cfg.model.unshuffle) == 0
