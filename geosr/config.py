@@ -25,6 +25,21 @@ def weights_dir() -> Path:
     return cache_dir() / "weights"
 
 
+def _settings_from_yaml(cls, text: str) -> dict:
+    """A YAML mapping of ``cls``'s fields -> keyword arguments; unknown keys refused by name, ``bands`` a tuple."""
+    import yaml
+
+    raw = yaml.safe_load(text) or {}
+    unknown = set(raw) - {f.name for f in fields(cls)}
+    if unknown:
+        from .errors import ConfigError
+
+        raise ConfigError(f"unknown settings {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
+    if raw.get("bands") is not None:
+        raw["bands"] = tuple(raw["bands"])
+    return raw
+
+
 @dataclass
 class EnhanceConfig:
     """Everything that decides what ``enhance`` produces. Recorded in the output's tags."""
@@ -63,17 +78,7 @@ class EnhanceConfig:
 
     @classmethod
     def from_yaml(cls, text: str) -> "EnhanceConfig":
-        import yaml
-
-        raw = yaml.safe_load(text) or {}
-        unknown = set(raw) - {f.name for f in fields(cls)}
-        if unknown:
-            from .errors import ConfigError
-
-            raise ConfigError(f"unknown settings {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
-        if raw.get("bands") is not None:
-            raw["bands"] = tuple(raw["bands"])
-        return cls(**raw)
+        return cls(**_settings_from_yaml(cls, text))
 
 
 @dataclass(kw_only=True)
@@ -128,14 +133,4 @@ class ModalitiesConfig:
 
     @classmethod
     def from_yaml(cls, text: str) -> "ModalitiesConfig":
-        import yaml
-
-        raw = yaml.safe_load(text) or {}
-        unknown = set(raw) - {f.name for f in fields(cls)}
-        if unknown:
-            from .errors import ConfigError
-
-            raise ConfigError(f"unknown settings {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
-        if raw.get("bands") is not None:
-            raw["bands"] = tuple(raw["bands"])
-        return cls(**raw)
+        return cls(**_settings_from_yaml(cls, text))
