@@ -50,6 +50,12 @@ def _add_diffusion(p: argparse.ArgumentParser) -> None:
     g.add_argument("--samsr-strength", dest="samsr_strength", default=None, metavar="CLASS=S,...",
                    help="SAMSR: sampling strength per land-cover class in (0, 1], e.g. water=0.3,shadow=0.5 "
                         "(classes: other, vegetation, water, shadow, bright); lower keeps closer to the input")
+    g.add_argument("--dsm", default=None, metavar="RASTER",
+                   help="your DSM / nDSM (any CRS) for depth (used if the checkpoint was trained with depth)")
+    g.add_argument("--landcover", default=None, metavar="RASTER",
+                   help="your land-cover raster with a class table (any CRS): its classes replace the heuristic's")
+    g.add_argument("--vectors", default=None, metavar="FILE",
+                   help="your roads / buildings / water (gpkg, geojson, osm.pbf), laid over the segmentation")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -184,6 +184,15 @@ def _profile(scene: Scene, dtype: str, nodata) -> dict:
                           transform=scene.transform, nodata=nodata)
 
 
+def _class_nodata(extractor, dtype: str):
+    """A land-cover raster's nodata value, kept in the written classes when it fits their dtype (else none)."""
+    nodata = getattr(extractor, "nodata", None)
+    if nodata is None or not float(nodata).is_integer():
+        return None
+    info = np.iinfo(dtype)
+    return int(nodata) if info.min <= nodata <= info.max else None
+
+
 def _seg_dtype(classes: ClassTable) -> str:
     return "uint8" if max(classes.names, default=0) <= 255 else "uint16"
 
@@ -258,7 +267,8 @@ def extract_modalities(src, out_dir, config: ModalitiesConfig | None = None, *, 
             elif m == "depth":
                 profile = _profile(scene, "float32", float("nan"))
             else:
-                profile = _profile(scene, _seg_dtype(_classes(extractors[m])), None)
+                dtype = _seg_dtype(_classes(extractors[m]))
+                profile = _profile(scene, dtype, _class_nodata(extractors[m], dtype))
             ds = stack.enter_context(rasterio.open(tmp, "w", **profile))
             set_band_metadata(ds, descriptions=(_description(m, extractors[m]),), colorinterp=(), tags={
                 "GEOSR_MODALITY": m, "GEOSR_SOURCE": _source(extractors[m]), "GEOSR_INPUT": src.name})

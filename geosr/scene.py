@@ -59,6 +59,9 @@ class EnhanceResult:
 def plan(scene_hw: tuple[int, int], model: SRModel, config: EnhanceConfig) -> TileGrid:
     """The tile grid for a scene of ``(height, width)``, with defaults from the model's receptive field."""
     model.check_scale(config.scale)
+    given = [f"--{k}" for k in ("dsm", "landcover", "vectors") if getattr(config, k)]
+    if given and not model.reads_geodata:
+        raise ConfigError(f"{', '.join(given)}: model {model.name} does not read the user's geodata; use --model mmsr")
     overlap = default_overlap(model.receptive_field) if config.overlap is None else int(config.overlap)
     tile = model.default_tile if config.tile is None else int(config.tile)
     if overlap < 0:
@@ -165,6 +168,28 @@ def _to_dtype(scene: Scene, values: np.ndarray, valid: np.ndarray | None) -> np.
     return out
 
 
+def scene_grid(scene: Scene):
+    """Where the scene lies (for models that read the user's georeferenced data); None without georeferencing."""
+    from .conditioning.base import SceneGrid
+
+    if not scene.georeferenced:
+        return None
+    return SceneGrid(crs=scene.crs, transform=scene.transform, height=scene.height, width=scene.width)
+
+
+def tile_grid(scene: Scene, tile: Tile, edge: str, shape: tuple[int, int]):
+    """The grid of the pixels a tile read gives, reflect padding included (it extends the scene's grid)."""
+    from affine import Affine
+
+    from .conditioning.base import SceneGrid
+
+    if not scene.georeferenced:
+        return None
+    y0, x0 = tile.read_origin(edge)
+    return SceneGrid(crs=scene.crs, transform=scene.transform @ Affine.translation(x0, y0),
+                     height=int(shape[0]), width=int(shape[1]))
+
+
 def run_tiles(scene: Scene, model: SRModel, grid: TileGrid, put: Callable[[int, int, np.ndarray], None], *,
               edge: str = "reflect", progress: Progress | None = None,
               should_stop: Callable[[], bool] | None = None) -> float:
@@ -187,6 +212,7 @@ def run_tiles(scene: Scene, model: SRModel, grid: TileGrid, put: Callable[[int, 
         if should_stop is not None and should_stop():
             raise Cancelled("cancelled")
         x, valid = _read_tile(scene, tile, edge)
+        model.begin_tile(tile_grid(scene, tile, edge, x.shape[1:]))
         t0 = time.perf_counter()
         y = _run_model(model, x, groups, s)  # (C, s h, s w); h = w = tile size unless cut at the scene edge
         model_seconds += time.perf_counter() - t0
@@ -238,7 +264,7 @@ def _start(model: SRModel, scene: Scene, config: EnhanceConfig) -> None:
     model.prepare()
     _set_threads(config)
     gsd = float(np.mean(scene.gsd)) * 1.0 / config.scale if scene.georeferenced else None
-    model.begin_scene(scene_overview(scene), gsd=gsd)
+    model.begin_scene(scene_overview(scene), gsd=gsd, grid=scene_grid(scene))
 
 
 def _set_threads(config: EnhanceConfig) -> None:
@@ -260,6 +286,8 @@ def output_tags(model: SRModel, config: EnhanceConfig, src: Path | None) -> dict
         "GEOSR_PARAMETERS": json.dumps(params, sort_keys=True),
         "GEOSR_INPUT": src.name if src is not None else "",
         **({"GEOSR_CAPTION": model.caption} if getattr(model, "caption", "") else {}),
+        **({"GEOSR_CONDITIONS": json.dumps(model.condition_sources, sort_keys=True)}
+           if getattr(model, "condition_sources", None) else {}),
     }
 
 

@@ -394,3 +394,20 @@ def test_osm_data_through_gdals_osm_driver(make_tif, tmp_path):
     assert (labels == BUILDING).sum() == pytest.approx(40 * 40, rel=0.05)  # 20 m x 20 m
     assert (labels == BUILDING)[20:60, 40:80].mean() > 0.95
     assert not (labels[170:190] > 0).any()  # the railway at 5199910 N is not drawn
+
+
+def test_landcover_nodata_stays_nodata_in_the_written_segmentation(make_tif, tmp_path):
+    scene = make_tif(texture((3, 32, 32)), "scene.tif")  # EPSG:32632, 0.5 m
+    classes = np.ones((32, 32), np.uint8)
+    classes[:, 16:] = 2
+    classes[:8, :8] = 255  # no data there
+    lc = make_tif(classes, "lc.tif", nodata=255)
+    with rasterio.open(lc, "r+") as dst:
+        dst.write_colormap(1, {1: (0, 200, 0, 255), 2: (200, 0, 0, 255)})
+    result = extract_modalities(scene, tmp_path / "out", ModalitiesConfig(landcover=str(lc)))
+    with rasterio.open(result.files["segmentation"]) as seg:
+        assert seg.nodata == 255
+        labels = seg.read(1)
+        masked = seg.read_masks(1)
+    np.testing.assert_array_equal(labels, classes)
+    assert (masked[:8, :8] == 0).all() and (masked[8:, :] == 255).all()

@@ -25,6 +25,7 @@ class SRModel(ABC):
     # "cut" measured better on BENCHMARK.md: RRDN-GAN 27.56 vs 27.44 dB PSNR-Y, bicubic 27.27 vs 27.25.
     edge: str = "cut"
     description: str = ""
+    reads_geodata: bool = False  # takes the user's DSM / land cover / vectors (EnhanceConfig dsm, landcover, vectors)
 
     @abstractmethod
     def upscale(self, x: np.ndarray, scale: int) -> np.ndarray: ...
@@ -36,8 +37,15 @@ class SRModel(ABC):
     def configure(self, config) -> None:
         """Take model-specific settings of the run (an ``EnhanceConfig``); most models have none."""
 
-    def begin_scene(self, overview: np.ndarray, *, gsd: float | None = None) -> None:
-        """Called once per scene before its tiles with a decimated, scaled view ``(C, h, w)`` of the whole scene."""
+    def begin_scene(self, overview: np.ndarray, *, gsd: float | None = None, grid=None) -> None:
+        """Called once per scene before its tiles with a decimated, scaled view ``(C, h, w)`` of the whole scene.
+
+        ``grid`` is the scene's :class:`~geosr.conditioning.base.SceneGrid` (None without georeferencing).
+        """
+
+    def begin_tile(self, grid) -> None:
+        """Called before each tile's :meth:`upscale` with the tile's grid (a ``SceneGrid`` of the LR pixels it
+        gets, padding included; None without georeferencing). Models that read georeferenced data use it."""
 
     def weights_present(self) -> bool:
         return True

@@ -183,18 +183,26 @@ class MMSRBundle:
             raise ConfigError(f"images of shape {tuple(images.shape)}: expected (B, 3, H, W) in [0, 1]")
         return images.detach().float().cpu().numpy()
 
-    def conditions(self, images: Tensor) -> tuple[dict[str, Tensor], list[str]]:
+    def conditions(self, images: Tensor, *, segmentation: np.ndarray | None = None
+                   ) -> tuple[dict[str, Tensor], list[str]]:
         """``(B, 3, H, W)`` in [0, 1] -> (tokenizer inputs, captions), each map extracted once per image.
 
         Maps are resized to ``map_size``: edges ``(B, 1, S, S)`` float (edge density after area resizing),
         segmentation ``(B, S, S)`` long (nearest); only the modalities the model has. Captions describe each
-        image's own segmentation and edges (no GSD: usually unknown in training data).
+        image's own segmentation and edges (no GSD: usually unknown in training data). ``segmentation``
+        ``(B, H, W)`` (classes of :data:`~geosr.conditioning.CLASSES`, e.g. the user's land cover put into them)
+        replaces the heuristic's.
         """
         from ...conditioning import canny_edges, describe, heuristic_segmentation
 
         arrays, size = self._numpy(images), self.config.map_size
         edges = np.stack([canny_edges(a) for a in arrays])  # (B, H, W)
-        seg = np.stack([heuristic_segmentation(a) for a in arrays])  # (B, H, W)
+        if segmentation is None:
+            seg = np.stack([heuristic_segmentation(a) for a in arrays])  # (B, H, W)
+        else:
+            seg = np.asarray(segmentation, dtype=np.int64)
+            if seg.shape != edges.shape:
+                raise ConfigError(f"segmentation of shape {seg.shape}: expected {edges.shape}, the images' grid")
         captions = [describe(s, edges=e) for s, e in zip(seg, edges)]
         maps: dict[str, Tensor] = {}
         if "edges" in self.tokenizers:

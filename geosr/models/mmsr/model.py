@@ -6,7 +6,9 @@ Per tile (:meth:`MMSRModel.upscale`):
 1. the LR tile is reflect-padded to a side the UNet accepts;
 2. the conditioning image is bicubic(LR) (what the model was trained with);
 3. edges and segmentation are extracted from the conditioning image and tokenized (depth is missing: its null
-   token), exactly as in training (:class:`~geosr.models.mmsr.bundle.MMSRBundle`);
+   token), exactly as in training (:class:`~geosr.models.mmsr.bundle.MMSRBundle`); with the user's land cover
+   or vectors (``--landcover``, ``--vectors``) the segmentation is theirs, put into the model's classes on the
+   tile's georeferenced output grid (:mod:`geosr.conditioning.user`);
 4. the pipeline samples with the run's steps, guidance and temperatures (and, with SAMSR on, segment-shared
    noise and per-class strengths from the land-cover heuristic at the output resolution); the noise is seeded from the run's
    seed and the tile's own pixels, so a tile gives the same output whatever order tiles run in;
@@ -83,6 +85,7 @@ class MMSRModel(SRModel):
     channels = 3
     edge = "reflect"
     description = "multimodal diffusion SR (MMSR): caption + segmentation + edges (+ depth)"
+    reads_geodata = True
     missing_hint = "pass --checkpoint DIR (a folder written by `geosr train`) or a Hugging Face id"
 
     def __init__(self, *, device: str = "cpu", checkpoint: str | Path | None = None):
@@ -94,6 +97,10 @@ class MMSRModel(SRModel):
         self.samsr_noise, self.samsr_strength = 0.0, {}
         self.negative_prompt: str | None = None
         self.caption = ""
+        self.user_files: dict[str, str] = {}  # dsm / landcover / vectors paths of the run
+        self.user = None  # UserConditions of the scene, when the run has user files
+        self.condition_sources: dict[str, str] = {}  # modality -> where it came from (recorded in the tags)
+        self._tile_grid = None
         self._bundle = None
         self._loaded_from: str | None = None
 
@@ -124,6 +131,7 @@ class MMSRModel(SRModel):
         self.seed = config.seed
         self.samsr_noise = float(config.samsr_noise)
         self.samsr_strength = parse_strengths(config.samsr_strength)
+        self.user_files = {k: str(v) for k in ("dsm", "landcover", "vectors") if (v := getattr(config, k, None))}
         if not (np.isfinite(self.samsr_noise) and self.samsr_noise >= 0):
             raise ConfigError(f"--samsr-noise {config.samsr_noise}: give a weight >= 0 (0 = off)")
         if self.checkpoint is not None:
@@ -171,14 +179,49 @@ class MMSRModel(SRModel):
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
 
-    def begin_scene(self, overview: np.ndarray, *, gsd: float | None = None) -> None:
-        """One caption for the whole scene from its decimated, scaled view ``(C, h, w)``."""
+    def begin_scene(self, overview: np.ndarray, *, gsd: float | None = None, grid=None) -> None:
+        """One caption for the whole scene from its decimated, scaled view ``(C, h, w)``; the user's files opened
+        and checked against the scene's ``grid``."""
         import torch
 
         self.prepare()
+        self.user = None
+        self.condition_sources = {"edges": "image (Canny)", "segmentation": "image (heuristic)",
+                                  "depth": "none (null token)"}
+        if self.user_files:
+            from ...conditioning.user import UserConditions
+            from ...errors import ConditionError
+
+            if grid is None:
+                name = next(iter(self.user_files.values()))
+                raise ConditionError(f"{name}: the scene has no CRS, so the user's data cannot be placed on it; "
+                                     "georeference the scene")
+            self.user = UserConditions(scene=grid, **self.user_files)
+            self.condition_sources.update(self.user.sources())
+            if self.user.dsm is not None and "depth" not in self._bundle.tokenizers:
+                log.warning("--dsm %s is not used: checkpoint %s was trained without depth (no depth tokenizer), so "
+                            "its depth null token stands in", self.user.dsm.path, self.checkpoint)
+                self.condition_sources["depth"] = "none (null token; the checkpoint has no depth tokenizer)"
         rgb = np.clip(np.nan_to_num(overview[:3] if overview.shape[0] >= 3 else np.repeat(overview[:1], 3, 0)), 0, 1)
         self.caption = self._bundle.captions(torch.from_numpy(rgb[None].astype(np.float32)))[0]
         log.info("scene caption: %s", self.caption)
+
+    def begin_tile(self, grid) -> None:
+        self._tile_grid = grid
+
+    def _user_segmentation(self, cond: np.ndarray, scale: int) -> np.ndarray:
+        """The segmentation of the conditioning image ``(3, H', W')`` with the user's data laid over it."""
+        from affine import Affine
+
+        from ...conditioning import heuristic_segmentation
+        from ...conditioning.base import TileContext
+
+        heuristic = heuristic_segmentation(cond)
+        if self._tile_grid is None:
+            raise RuntimeError("mmsr: user data given but the engine did not say where the tile lies (begin_tile)")
+        tile = TileContext(image=cond, transform=self._tile_grid.transform @ Affine.scale(1 / scale),
+                           crs=self._tile_grid.crs)
+        return self.user.maps(tile, heuristic).segmentation
 
     def upscale(self, x: np.ndarray, scale: int) -> np.ndarray:
         import torch
@@ -200,13 +243,17 @@ class MMSRModel(SRModel):
         lr_t = torch.from_numpy(np.ascontiguousarray(lr, dtype=np.float32))[None].to(device)  # (1, 3, h', w')
         # 2-3. conditioning image, then modalities from it, as in training
         cond = pipe.condition_image(lr_t)  # (1, 3, H', W')
-        codes = bundle.encode_maps(bundle.conditions(cond)[0])
+        seg = None  # (H', W') classes; None: the heuristic's, inside the bundle as in training
+        if self.user is not None and self.user.layers:
+            seg = self._user_segmentation(cond[0].cpu().numpy(), scale)
+        codes = bundle.encode_maps(bundle.conditions(cond, segmentation=None if seg is None else seg[None])[0])
         generator = torch.Generator(device="cpu").manual_seed(tile_seed(self.seed, x))
         samsr = {}
         if self.samsr_noise > 0 or self.samsr_strength:  # SAMSR: segments at the output resolution
             from ...conditioning import heuristic_segmentation
 
-            seg = heuristic_segmentation(cond[0].cpu().numpy())  # (H', W')
+            if seg is None:
+                seg = heuristic_segmentation(cond[0].cpu().numpy())  # (H', W')
             samsr = {"segmentation": torch.from_numpy(seg)[None].to(device), "samsr_noise": self.samsr_noise,
                      "samsr_strength": self.samsr_strength or None}
         # 4. sample
