@@ -327,7 +327,7 @@ class Trainer:
     def prepare(self, hr: Tensor, lr: Tensor) -> Batch:
         """Target, conditioning image, caption states and modality codes, all from the HR/LR pair."""
         pipe, bundle = self.pipeline, self.bundle
-        cond = pipe.condition_image(lr)  # (B, 3, H, W) bicubic LR in [0, 1]
+        cond = bundle.condition_image(lr)  # (B, 3, H, W) in [0, 1]: bicubic LR, or the stage-1 prior's output
         maps, captions = bundle.conditions(hr)  # from HR in training (MMSR sec. 3)
         states, mask = pipe.encode_text(captions, device=self.device)  # (B, T, D), (B, T)
         codes = {m: None if c is None else c.to(self.device) for m, c in bundle.encode_maps(maps).items()}  # (B, g, g)

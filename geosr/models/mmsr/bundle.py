@@ -70,6 +70,10 @@ class MMSRConfig:
     # zero-initialised) and, with text_encoder "base", its CLIP text encoder (text_dim must then be its width,
     # 1024 for SD2). unshuffle and the UNet sizes above are then unused. None: pixel space, a fresh UNet.
     base: str | None = None
+    # stage-1 prior: a geosr model (see `geosr models`, e.g. "rrdn-gan") whose output is the conditioning image
+    # instead of bicubic(LR), in training and inference alike; with ``residual`` the diffusion learns the detail
+    # over it. None: bicubic.
+    prior: str | None = None
 
     def __post_init__(self) -> None:
         self.modalities = tuple(self.modalities)
@@ -174,8 +178,32 @@ class MMSRBundle:
     pipeline: object  # MMSRPipeline
     tokenizers: dict[str, ModalityTokenizer]
     meta: dict = field(default_factory=dict)
+    stage1: object = field(default=None, init=False, repr=False)  # the prior's SRModel, loaded on first use
 
     # -- conditions ----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def condition_image(self, lr: Tensor) -> Tensor:
+        """``lr (B, 3, h, w)`` in [0, 1] -> the conditioning image ``(B, 3, h*s, w*s)`` in [0, 1]: the stage-1
+        prior's output (``config.prior``), else the pipeline's bicubic."""
+        if self.config.prior is None:
+            return self.pipeline.condition_image(lr)
+        prior = self._stage1()
+        arrays = lr.detach().float().clamp(0, 1).cpu().numpy()
+        out = np.stack([prior.upscale(a, self.config.scale) for a in arrays])  # (B, 3, H, W)
+        return torch.from_numpy(np.clip(out, 0, 1).astype(np.float32)).to(lr.device)
+
+    def _stage1(self):
+        if self.stage1 is None:
+            from .. import get_model
+
+            prior = get_model(self.config.prior)
+            if prior.reads_geodata or self.config.prior == "mmsr":
+                raise ConfigError(f"prior={self.config.prior!r}: a stage-1 prior must be a plain SR model")
+            prior.check_scale(self.config.scale)
+            prior.prepare()
+            self.stage1 = prior
+        return self.stage1
 
     @staticmethod
     def _numpy(images: Tensor) -> np.ndarray:

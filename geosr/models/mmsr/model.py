@@ -4,7 +4,7 @@ Per scene (:meth:`MMSRModel.begin_scene`): one caption, from a decimated view of
 Per tile (:meth:`MMSRModel.upscale`):
 
 1. the LR tile is reflect-padded to a side the UNet accepts;
-2. the conditioning image is bicubic(LR) (what the model was trained with);
+2. the conditioning image is bicubic(LR), or the checkpoint's stage-1 prior's output (what it was trained with);
 3. edges and segmentation are extracted from the conditioning image and tokenized (depth is missing: its null
    token), exactly as in training (:class:`~geosr.models.mmsr.bundle.MMSRBundle`); with the user's land cover
    or vectors (``--landcover``, ``--vectors``) the segmentation is theirs, put into the model's classes on the
@@ -242,7 +242,7 @@ class MMSRModel(SRModel):
         device = pipe.device
         lr_t = torch.from_numpy(np.ascontiguousarray(lr, dtype=np.float32))[None].to(device)  # (1, 3, h', w')
         # 2-3. conditioning image, then modalities from it, as in training
-        cond = pipe.condition_image(lr_t)  # (1, 3, H', W')
+        cond = bundle.condition_image(lr_t)  # (1, 3, H', W'): bicubic, or the stage-1 prior's output
         seg = None  # (H', W') classes; None: the heuristic's, inside the bundle as in training
         if self.user is not None and self.user.layers:
             seg = self._user_segmentation(cond[0].cpu().numpy(), scale)

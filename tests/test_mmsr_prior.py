@@ -1,0 +1,69 @@
+"""A stage-1 prior as the MMSR conditioning image (``MMSRConfig.prior``), in training and in the engine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from geosr.config import EnhanceConfig  # noqa: E402
+from geosr.errors import ConfigError  # noqa: E402
+from geosr.models import get_model  # noqa: E402
+from geosr.models.mmsr.bundle import MMSRConfig, build_bundle  # noqa: E402
+from geosr.scene import enhance_array  # noqa: E402
+from geosr.training.loop import Trainer  # noqa: E402
+
+from conftest import texture  # noqa: E402
+from test_mmsr_engine import TINY  # noqa: E402
+from test_training import smooth_hr, tiny_config  # noqa: E402
+
+
+def lr_batch() -> torch.Tensor:
+    return torch.from_numpy(texture((6, 16, 16), dtype="float32", lo=0, hi=1, seed=4).reshape(2, 3, 16, 16))
+
+
+def test_the_conditioning_image_is_the_priors_output():
+    bundle = build_bundle(MMSRConfig(**{**TINY.__dict__, "prior": "nearest"}), seed=0)
+    lr = lr_batch()
+    cond = bundle.condition_image(lr)
+    expected = np.stack([get_model("nearest").upscale(a, 4) for a in lr.numpy()])
+    np.testing.assert_allclose(cond.numpy(), expected, atol=1e-6)
+    plain = build_bundle(TINY, seed=0).condition_image(lr)  # no prior: the pipeline's bicubic
+    assert plain.shape == cond.shape and (plain - cond).abs().mean() > 0.01
+
+
+def test_a_prior_must_be_a_plain_sr_model():
+    for bad in ("mmsr", "no-such-model"):
+        bundle = build_bundle(MMSRConfig(**{**TINY.__dict__, "prior": bad}), seed=0)
+        with pytest.raises(ConfigError):
+            bundle.condition_image(lr_batch())
+
+
+def test_training_conditions_on_the_prior(tmp_path):
+    model = {**tiny_config(tmp_path).model.to_dict(), "prior": "nearest"}
+    trainer = Trainer(tiny_config(tmp_path, model=model))
+    hr = torch.stack([smooth_hr(0), smooth_hr(1)])  # (2, 3, 64, 64)
+    lr = torch.nn.functional.avg_pool2d(hr, 4)
+    batch = trainer.prepare(hr, lr)
+    nearest = torch.from_numpy(np.stack([get_model("nearest").upscale(a, 4) for a in lr.numpy()]))
+    pipe = trainer.pipeline
+    torch.testing.assert_close(batch.cond_w, pipe.to_working(2 * nearest - 1))
+    torch.testing.assert_close(batch.x0, pipe.to_working(2 * hr - 1) - pipe.to_working(2 * nearest - 1))
+
+
+def test_a_residual_model_that_adds_nothing_returns_the_prior(tmp_path):
+    """UNet output zeroed: one trailing DDIM step leaves the conditioning image, i.e. the prior's output."""
+    bundle = build_bundle(MMSRConfig(**{**TINY.__dict__, "prior": "nearest"}), seed=0)
+    with torch.no_grad():
+        bundle.pipeline.unet.conv_out.weight.zero_()
+        bundle.pipeline.unet.conv_out.bias.zero_()
+    path = bundle.save(tmp_path / "zero")
+    image = texture((3, 32, 32), seed=5)
+    cfg = EnhanceConfig(model="mmsr", checkpoint=str(path), steps=1, tile=16, overlap=4, threads=1)
+    out = enhance_array(image, cfg).astype(float)
+    nearest = enhance_array(image, EnhanceConfig(model="nearest")).astype(float)
+    bicubic = enhance_array(image, EnhanceConfig(model="bicubic")).astype(float)
+    assert np.abs(out - nearest).mean() < 1.0 < np.abs(out - bicubic).mean(), (
+        np.abs(out - nearest).mean(), np.abs(out - bicubic).mean())
