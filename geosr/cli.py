@@ -50,6 +50,8 @@ def _add_diffusion(p: argparse.ArgumentParser) -> None:
     g.add_argument("--samsr-strength", dest="samsr_strength", default=None, metavar="CLASS=S,...",
                    help="SAMSR: sampling strength per land-cover class in (0, 1], e.g. water=0.3,shadow=0.5 "
                         "(classes: other, vegetation, water, shadow, bright); lower keeps closer to the input")
+    g.add_argument("--drop", default=None, metavar="NAME,...",
+                   help="conditions the model runs without (null inputs), e.g. text,edges: for ablations")
     g.add_argument("--dsm", default=None, metavar="RASTER",
                    help="your DSM / nDSM (any CRS) for depth (used if the checkpoint was trained with depth)")
     g.add_argument("--landcover", default=None, metavar="RASTER",

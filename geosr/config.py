@@ -64,6 +64,7 @@ class EnhanceConfig:
     seed: int = 0  # noise seed (mixed with each tile's pixels, so results do not depend on tile order)
     samsr_noise: float = 0.0  # SAMSR: weight of segment-shared noise (0: off); segments from the land-cover heuristic
     samsr_strength: dict | str | None = None  # SAMSR: per-class sampling strength in (0, 1], e.g. "water=0.3,shadow=0.5"
+    drop: str | None = None  # conditions replaced by their null inputs, e.g. "text,edges" (ablations); None: none
     # the user's own geodata as conditions (mmsr only; any CRS and resolution, see geosr.conditioning.user)
     dsm: str | None = None  # DSM / nDSM raster for the depth modality (used if the checkpoint has a depth tokenizer)
     landcover: str | None = None  # land-cover raster with a class table: its classes replace the heuristic's

@@ -212,3 +212,41 @@ def test_the_cli_passes_the_users_files_to_the_engine(checkpoint, make_tif, tmp_
     with rasterio.open(out) as ds:
         assert str(lc) in json.loads(ds.tags()["GEOSR_CONDITIONS"])["segmentation"]
         assert json.loads(ds.tags()["GEOSR_PARAMETERS"])["landcover"] == str(lc)
+
+
+# ------------------------------------------------------------------------------------------------ ablation: --drop
+
+
+def test_dropped_conditions_stop_mattering(checkpoint, make_tif, tmp_path):
+    from geosr.models.mmsr.model import parse_drop
+
+    assert parse_drop("text,seg,edge") == {"text", "segmentation", "edges"} and parse_drop(None) == frozenset()
+    with pytest.raises(ConfigError, match="--drop colour: unknown condition"):
+        parse_drop("colour")
+    scene = make_tif(texture((3, 40, 40)), "scene.tif")
+    lc, _ = _landcover_4326(make_tif, scene)
+
+    def run(name, **kw):
+        path = enhance_scene(scene, tmp_path / f"{name}.tif", config(checkpoint, **kw)).path
+        with rasterio.open(path) as ds:
+            return ds.read()
+
+    # with the segmentation dropped, the user's land cover no longer changes anything; with it, it does
+    np.testing.assert_array_equal(run("a", landcover=str(lc), drop="segmentation"), run("b", drop="segmentation"))
+    assert not np.array_equal(run("c", landcover=str(lc)), run("d"))
+    assert not np.array_equal(run("e", drop="edges"), run("d2"))
+
+
+def test_drop_text_masks_the_caption_entirely(checkpoint):
+    import torch
+
+    bundle = MMSRBundle.load(checkpoint)
+    lr = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def sample(prompt, drop_text):
+        return bundle.pipeline(lr, prompt=prompt, num_inference_steps=1, drop_text=drop_text, output_type="np",
+                               generator=torch.Generator().manual_seed(1)).images
+
+    # masked keys: the two captions differ only in how many padded keys there are (float rounding, ~1e-7)
+    np.testing.assert_allclose(sample("dense buildings", True), sample("open water", True), atol=1e-5)
+    assert np.abs(sample("dense buildings", False) - sample("open water", False)).max() > 1e-3

@@ -72,6 +72,18 @@ def parse_strengths(text: str | dict | None) -> dict[int, float]:
     return out
 
 
+def parse_drop(text: str | list | tuple | None, known=("text", "depth", "segmentation", "edges")) -> frozenset[str]:
+    """``"text,edges"`` -> the conditions to replace by their null inputs (aliases as in :data:`ALIASES`)."""
+    if text is None:
+        return frozenset()
+    items = text if isinstance(text, (list, tuple)) else str(text).replace(" ", "").split(",")
+    names = {ALIASES.get(k, k) for k in items if k}
+    unknown = sorted(names - set(known))
+    if unknown:
+        raise ConfigError(f"--drop {', '.join(unknown)}: unknown condition; choose from {', '.join(known)}")
+    return frozenset(names)
+
+
 def tile_seed(seed: int, x: np.ndarray) -> int:
     """A 63-bit seed from the run's seed and the tile's pixels (order-independent, reproducible)."""
     h = hashlib.blake2b(np.ascontiguousarray(x, dtype=np.float32).tobytes(), digest_size=8, key=str(seed).encode())
@@ -95,6 +107,7 @@ class MMSRModel(SRModel):
         self.temperatures: dict[str, float] = {}
         self.seed = 0
         self.samsr_noise, self.samsr_strength = 0.0, {}
+        self.drop: frozenset[str] = frozenset()  # conditions replaced by their null inputs (ablations)
         self.negative_prompt: str | None = None
         self.caption = ""
         self.user_files: dict[str, str] = {}  # dsm / landcover / vectors paths of the run
@@ -131,6 +144,7 @@ class MMSRModel(SRModel):
         self.seed = config.seed
         self.samsr_noise = float(config.samsr_noise)
         self.samsr_strength = parse_strengths(config.samsr_strength)
+        self.drop = parse_drop(getattr(config, "drop", None))
         self.user_files = {k: str(v) for k in ("dsm", "landcover", "vectors") if (v := getattr(config, k, None))}
         if not (np.isfinite(self.samsr_noise) and self.samsr_noise >= 0):
             raise ConfigError(f"--samsr-noise {config.samsr_noise}: give a weight >= 0 (0 = off)")
@@ -247,6 +261,7 @@ class MMSRModel(SRModel):
         if self.user is not None and self.user.layers:
             seg = self._user_segmentation(cond[0].cpu().numpy(), scale)
         codes = bundle.encode_maps(bundle.conditions(cond, segmentation=None if seg is None else seg[None])[0])
+        codes.update({m: None for m in self.drop & set(codes)})  # dropped: the null token stands in
         generator = torch.Generator(device="cpu").manual_seed(tile_seed(self.seed, x))
         samsr = {}
         if self.samsr_noise > 0 or self.samsr_strength:  # SAMSR: segments at the output resolution
@@ -263,6 +278,6 @@ class MMSRModel(SRModel):
         out = pipe(lr_t, modalities=codes, prompt=prompt, negative_prompt=negative, num_inference_steps=self.steps,
                    guidance_scale=self.guidance, guidance_mode=self.guidance_mode,
                    temperatures=self.temperatures or None, generator=generator, output_type="np",
-                   cond_image=cond, **samsr).images[0]  # (3, H', W')
+                   cond_image=cond, drop_text="text" in self.drop, **samsr).images[0]  # (3, H', W')
         # 5. cut the padding
         return np.ascontiguousarray(out[:, : h * scale, : w * scale], dtype=np.float32)

@@ -450,7 +450,8 @@ class MMSRPipeline(DiffusionPipeline):
                  guidance_scale: float = 0.0, guidance_mode: str = "m-cfg",
                  temperatures: dict[str, float] | None = None, generator=None, callback=None,
                  output_type: str = "np", cond_image=None, segmentation=None, samsr_noise: float = 0.0,
-                 samsr_strength: dict[int, float] | Tensor | None = None, return_dict: bool = True):
+                 samsr_strength: dict[int, float] | Tensor | None = None, drop_text: bool = False,
+                 return_dict: bool = True):
         """Super-resolve ``lr``.
 
         Args:
@@ -470,6 +471,8 @@ class MMSRPipeline(DiffusionPipeline):
             samsr_strength: SAMSR pixel-wise strength in (0, 1]: ``{class: s}`` (needs ``segmentation``; other
                 classes 1) or a (B, H, W) float map; a pixel with strength s starts from the noised conditioning
                 target and is denoised only from timestep ``s * num_train_timesteps`` on. None (or 1) = off.
+            drop_text: the positive branch reads no caption at all (every text key masked, as training's text
+                drop does); for ablations. A modality is dropped by passing None for it.
         """
         # 0. validate every argument
         self.check_inputs(lr, modalities, prompt, negative_prompt, num_inference_steps, guidance_scale,
@@ -491,6 +494,8 @@ class MMSRPipeline(DiffusionPipeline):
         pos = [prompt] * B if isinstance(prompt, str) else (prompt or [""] * B)
         neg = [negative_prompt] * B if isinstance(negative_prompt, str) else (negative_prompt or [""] * B)
         states, mask = self.encode_text(pos + neg, device=device)  # (2B, T, D), (2B, T)
+        if drop_text:
+            mask[:B] = False
 
         # 3. conditioner latents for the positive and negative branches in one batched call
         codes = {m: None for m in self.conditioner.modalities}
