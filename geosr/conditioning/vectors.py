@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,13 +173,18 @@ class VectorLayers:
         for name, geom_type in layers:
             name = str(name)
             geom_type = str(geom_type or "").replace(" Z", "").replace("25D", "")
-            meta, _, wkb, values = pyogrio.raw.read(self.path, layer=name, force_2d=True)
+            with warnings.catch_warnings():  # GDAL's notes on unclosed OSM rings: the broken ones are dropped below
+                warnings.simplefilter("ignore", RuntimeWarning)
+                meta, _, wkb, values = pyogrio.raw.read(self.path, layer=name, force_2d=True)
             if meta["crs"] is None:
                 raise ConditionError(f"{self.path}: layer {name!r} has no CRS; assign one (e.g. ogr2ogr -a_srs "
                                      "EPSG:4326 ...)")
             if wkb is None or len(wkb) == 0:
                 continue
-            geoms = shapely.from_wkb(wkb)
+            geoms = shapely.from_wkb(wkb, on_invalid="ignore")  # None for a broken geometry (e.g. a 2-point ring)
+            broken = int(shapely.is_missing(geoms).sum()) - int(sum(g is None for g in wkb))
+            if broken:
+                log.info("%s: layer %r: %d broken geometries skipped", self.path, name, broken)
             fields = [str(f).lower() for f in meta["fields"]]
             to_metric = _transformer(CRS.from_user_input(meta["crs"]), metric)
             geoms = to_metric(geoms)
