@@ -276,12 +276,20 @@ class MMSRBundle:
 
     # -- persistence ---------------------------------------------------------------------------------------------
 
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path, *, half: bool = False) -> Path:
+        """Write the bundle folder; ``half`` stores float weights as float16 (half the size; loading casts them
+        back to the models' float32)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.pipeline.save_pretrained(directory / "pipeline")
         for name, tok in self.tokenizers.items():
             tok.save_pretrained(directory / "tokenizers" / name)
+        if half:
+            from safetensors.torch import load_file, save_file
+
+            for path in sorted(directory.rglob("*.safetensors")):
+                state = load_file(path)
+                save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, path)
         digest = hashlib.sha256()
         for path in sorted(directory.rglob("*.safetensors")):
             digest.update(path.relative_to(directory).as_posix().encode())

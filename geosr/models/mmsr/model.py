@@ -84,6 +84,16 @@ def parse_drop(text: str | list | tuple | None, known=("text", "depth", "segment
     return frozenset(names)
 
 
+EMBEDDED = Path(__file__).resolve().parents[2] / "checkpoints" / "mmsr-aerial-x4"  # committed, trained here
+
+
+def embedded_checkpoint() -> Path | None:
+    """The checkpoint committed with geosr (``geosr/checkpoints/mmsr-aerial-x4``), if this copy has it."""
+    from .bundle import INDEX
+
+    return EMBEDDED if (EMBEDDED / INDEX).is_file() else None
+
+
 def tile_seed(seed: int, x: np.ndarray) -> int:
     """A 63-bit seed from the run's seed and the tile's pixels (order-independent, reproducible)."""
     h = hashlib.blake2b(np.ascontiguousarray(x, dtype=np.float32).tobytes(), digest_size=8, key=str(seed).encode())
@@ -102,7 +112,8 @@ class MMSRModel(SRModel):
 
     def __init__(self, *, device: str = "cpu", checkpoint: str | Path | None = None):
         self.device = device
-        self.checkpoint = checkpoint
+        self.default_checkpoint = checkpoint  # a run without --checkpoint uses this; None: the embedded one
+        self.checkpoint = checkpoint if checkpoint is not None else embedded_checkpoint()
         self.steps, self.guidance, self.guidance_mode = 4, 0.0, "m-cfg"
         self.temperatures: dict[str, float] = {}
         self.seed = 0
@@ -135,8 +146,8 @@ class MMSRModel(SRModel):
 
     def configure(self, config) -> None:
         """Take the run's MMSR settings (checkpoint, steps, guidance, temperatures, seed) from EnhanceConfig."""
-        if config.checkpoint is not None:
-            self.checkpoint = config.checkpoint
+        self.checkpoint = config.checkpoint if config.checkpoint is not None else (
+            self.default_checkpoint if self.default_checkpoint is not None else embedded_checkpoint())
         self.steps = config.steps
         self.guidance = config.guidance
         self.guidance_mode = config.guidance_mode
@@ -178,12 +189,23 @@ class MMSRModel(SRModel):
         log.info("loaded MMSR checkpoint %s (%s training steps)", path, self._bundle.meta.get("trained_steps", "?"))
 
     def provenance(self) -> dict[str, str]:
-        if self._bundle is None:
+        """Where the weights come from: the bundle's own record (read from its index if not loaded yet)."""
+        import json
+
+        from .bundle import INDEX
+
+        if self._bundle is not None and self._loaded_from == str(self.checkpoint):
+            meta = self._bundle.meta
+        elif self.checkpoint is not None and (Path(str(self.checkpoint)) / INDEX).is_file():
+            meta = json.loads((Path(str(self.checkpoint)) / INDEX).read_text()).get("meta", {})
+        else:
             return {}
-        meta = self._bundle.meta
+        embedded = self.checkpoint is not None and Path(str(self.checkpoint)).resolve() == EMBEDDED
         return {"package": f"geosr-trained:{Path(str(self.checkpoint)).name}",
                 "version": f"{meta.get('trained_steps', '?')} steps",
-                "registry": "local checkpoint", "member": str(self.checkpoint),
+                "registry": "committed with geosr (trained here, see its MODEL_CARD.md)" if embedded
+                else "local checkpoint",
+                "member": str(self.checkpoint),
                 "sha256": str(meta.get("sha256", "unrecorded")), "license": str(meta.get("license", "Apache-2.0"))}
 
     def _torch_device(self) -> str:
