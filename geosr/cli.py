@@ -149,7 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, help="write every number and the settings here")
     p.add_argument("--html", type=Path, default=None, help="write a one-file HTML report here")
     p.add_argument("--map", type=Path, default=None, help="write the hallucination map (GeoTIFF, SR grid) here")
-    p.add_argument("--no-lpips", dest="no_lpips", action="store_true", help="skip LPIPS")
+    p.add_argument("--no-lpips", dest="no_lpips", action="store_true", help="skip LPIPS and DISTS")
+    p.add_argument("--no-nr", dest="no_nr", action="store_true",
+                   help="skip the no-reference metrics (NIQE, MUSIQ, CLIPIQA, MANIQA)")
+    p.add_argument("--iqa-download", dest="iqa_download", action="store_true",
+                   help="let pyiqa download missing metric weights into geosr's cache (needs internet)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser
@@ -345,7 +349,8 @@ def _cmd_score(args) -> int:
     try:
         result = score_scene(args.sr, args.lr, reference=args.reference, roads_path=args.roads,
                              buildings_path=args.buildings, roads_layer=args.roads_layer,
-                             buildings_layer=args.buildings_layer, config=ScoreConfig(lpips=not args.no_lpips),
+                             buildings_layer=args.buildings_layer, config=ScoreConfig(lpips=not args.no_lpips, no_reference=not args.no_nr,
+                                                                   iqa_download=args.iqa_download),
                              json_path=args.json, html_path=args.html, map_path=args.map, overwrite=args.overwrite,
                              progress=progress)
     finally:
@@ -355,10 +360,13 @@ def _cmd_score(args) -> int:
     print(f"scale x{r['inputs']['scale']}, {r['inputs']['sr_size'][0]}x{r['inputs']['sr_size'][1]} px")
     if "psnr_y" in fr:
         print(f"full reference: PSNR-Y {_fmt(fr['psnr_y'], '.2f')} dB, SSIM-Y {_fmt(fr['ssim_y'], '.4f')}, "
-              f"LPIPS {_fmt(fr['lpips'], '.4f')}" + (f" ({fr['note']})" if fr.get("note") else ""))
+              f"LPIPS {_fmt(fr['lpips'], '.4f')}, DISTS {_fmt(fr['dists'], '.4f')}"
+              + (f" ({fr['note']})" if fr.get("note") else ""))
     else:
         print(f"full reference: {fr['note']}")
-    print(f"no reference: {r['no_reference']['note']}")
+    nr = r["no_reference"]
+    print("no reference: " + ", ".join(f"{k.upper()} {_fmt(v, '.4f')}" for k, v in nr.get("values", {}).items())
+          + (f" ({nr['note']})" if nr.get("note") else ""))
     print(f"faithfulness: LR-consistency {_fmt(fa['lr_consistency_db'], '.2f')} dB, hallucination map mean "
           f"{fa['map']['map_mean']:.2f} (residual {fa['map']['residual_mean']:.2f} + detail "
           f"{fa['map']['detail_mean']:.2f}) luma levels")

@@ -90,8 +90,12 @@ class EnhanceConfig:
 class ScoreConfig:
     """Every tunable of ``geosr score``. Recorded in the JSON report's ``settings``."""
 
-    lpips: bool = True  # LPIPS against the reference (needs `geosr weights fetch lpips`; else reported missing)
+    lpips: bool = True  # LPIPS and DISTS against the reference, through pyiqa (`geosr weights fetch`; else a note)
     lpips_net: str = "alex"  # LPIPS backbone: alex (BENCHMARK.md) or vgg
+    no_reference: bool = True  # NIQE, MUSIQ, CLIPIQA, MANIQA of the output (those without weights: a note)
+    iqa_download: bool = False  # let pyiqa download missing metric weights into <cache>/torch-hub (needs internet)
+    iqa_tile: int = 512  # pyiqa metrics: the mean over tiles of this many SR px per side ...
+    iqa_max_tiles: int = 16  # ... at most this many, spread evenly over the scene, weighted by area
     psnr_cap_db: float = 100.0  # PSNR of identical images (inf) is reported as this, so JSON stays finite
     map_window: int = 9  # SR px per side of the box over which the unexplained detail energy is averaged
     road_pixel_m: float = 1.0  # road masks are skeletonised on a grid of about this pixel size (m)

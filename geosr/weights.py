@@ -11,11 +11,13 @@ from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# name -> module with fetch(dest_dir) -> Path
+# name -> "module" with fetch(dest_dir) -> Path, or "module:function" with that signature
 FETCHERS = {
     "rrdn-gan": "geosr.models.tfjs",
     "realesrgan-x4plus": "geosr.models.ncnn",
     "lpips": "geosr.scoring.lpips",
+    "dists": "geosr.scoring.iqa:fetch_dists",
+    "niqe": "geosr.scoring.iqa:fetch_niqe",
 }
 
 
@@ -29,7 +31,8 @@ def fetch(names=None) -> list[tuple[str, Path, dict]]:
         raise ConfigError(f"unknown weights {unknown}; choose from {', '.join(FETCHERS)}")
     out = []
     for name in names:
-        path = importlib.import_module(FETCHERS[name]).fetch(weights_dir())
+        module, _, function = FETCHERS[name].partition(":")
+        path = getattr(importlib.import_module(module), function or "fetch")(weights_dir())
         out.append((name, path, read_provenance(path)))
         log.info("%s: %s", name, path)
     return out

@@ -51,6 +51,11 @@ def test_score_writes_json_html_and_map_on_the_sr_grid(run_cli, trio, tmp_path):
     assert report["inputs"]["scale"] == 4 and report["inputs"]["crs"] == "EPSG:2056"
     assert 20 < report["full_reference"]["psnr_y"] < 40 and 0 < report["full_reference"]["ssim_y"] < 1
     assert report["full_reference"]["lpips"] is None and "not asked" in report["full_reference"]["note"]
+    assert report["full_reference"]["pyiqa_psnr_y"] == pytest.approx(report["full_reference"]["psnr_y"], abs=1e-3)
+    nr = report["no_reference"]  # NIQE offline; the rest said in one stdout line, not as warnings
+    assert nr["values"]["niqe"] > 0 and nr["values"]["musiq"] is None
+    assert [ln for ln in lines if ln.startswith("no reference: NIQE")] == [
+        f"no reference: NIQE {nr['values']['niqe']:.4f}, MUSIQ -, CLIPIQA -, MANIQA - ({nr['note']})"]
     assert report["faithfulness"]["lr_consistency_db"] > 30
     with rasterio.open(out_map) as m, rasterio.open(sr) as s:
         assert m.crs == s.crs and m.transform == s.transform and (m.width, m.height) == (s.width, s.height)
@@ -67,7 +72,7 @@ def test_score_without_reference_compares_with_the_lr(run_cli, trio):
     proc = run_cli("score", sr, "--lr", lr, "-q")
     assert proc.returncode == 0, proc.stderr
     assert "full reference: no --reference given" in proc.stdout
-    assert "vs LR input" in proc.stdout and "not available" in proc.stdout
+    assert "vs LR input" in proc.stdout and "not computed: musiq, clipiqa, maniqa" in proc.stdout
 
 
 def test_existing_outputs_are_kept_without_overwrite(run_cli, trio, tmp_path):
@@ -196,5 +201,6 @@ def test_progress_reports_every_step_then_done(trio):
     calls = []
     score_scene(sr, lr, reference=hr, config=ScoreConfig(lpips=False), progress=lambda *a: calls.append(a))
     done = [c[0] for c in calls]
-    assert done == sorted(done) and done[0] == 0 and calls[-1] == (7, 7, "done")
-    assert all(total == 7 and isinstance(msg, str) and msg for _, total, msg in calls)
+    assert done == sorted(done) and done[0] == 0 and calls[-1] == (8, 8, "done")
+    assert all(total == 8 and isinstance(msg, str) and msg for _, total, msg in calls)
+    assert "no-reference metrics" in [msg for _, _, msg in calls]

@@ -38,10 +38,10 @@ def _lr(hr):
     return bench._resize(hr, (hr.shape[0] // SCALE, hr.shape[1] // SCALE))
 
 
-def _score(sr, hr, *, lpips=False):
+def _score(sr, hr, *, lpips=False, no_reference=False):
     lr = _lr(hr)
     result = score_scene(_raster(sr, T_SR), _raster(lr, T_SR @ Affine.scale(SCALE)), reference=_raster(hr, T_SR),
-                         config=ScoreConfig(lpips=lpips))
+                         config=ScoreConfig(lpips=lpips, no_reference=no_reference))
     return result.report
 
 
@@ -57,18 +57,23 @@ def _shift(img, px):
 
 
 def test_identical_images_score_perfect_fidelity_and_consistency(hr):
-    r = _score(hr, hr, lpips=HAVE_LPIPS)
+    r = _score(hr, hr, lpips=HAVE_LPIPS, no_reference=True)
     assert r["full_reference"]["psnr_y"] == CAP  # inf, capped so the JSON stays finite
     assert r["full_reference"]["ssim_y"] == pytest.approx(1.0, abs=1e-12)
+    assert r["full_reference"]["pyiqa_ssim_y"] == pytest.approx(1.0, abs=1e-6)
     if HAVE_LPIPS:
         assert r["full_reference"]["lpips"] == pytest.approx(0.0, abs=1e-6)
+        assert r["full_reference"]["dists"] == pytest.approx(0.0, abs=1e-5)
     # the LR is exactly D(HR): LR-consistency is perfect, the residual is only the LR's 8-bit rounding
     assert r["faithfulness"]["lr_consistency_db"] == CAP
     assert r["faithfulness"]["map"]["residual_mean"] < 0.5
     # a true HR image holds detail the LR cannot carry: the map says so (unsupported, not necessarily wrong)
     assert r["faithfulness"]["map"]["detail_mean"] > 2.0
     assert r["semantic"]["mean_iou"] == 1.0 and r["semantic"]["pixel_agreement"] == 1.0
-    assert r["no_reference"]["available"] is False and "pyiqa" in r["no_reference"]["note"]
+    nr = r["no_reference"]
+    assert nr["available"] is True and 0 < nr["values"]["niqe"] < 100
+    for name in ("musiq", "clipiqa", "maniqa"):  # no weights offline: one line each, saying so
+        assert nr["values"][name] is None and "weights not present" in nr["notes"][name]
 
 
 @pytest.mark.parametrize("sigma", [1.0, 2.0])
@@ -135,8 +140,8 @@ def test_invented_texture_is_localised_by_the_map_though_lrc_barely_sees_it(hr):
 def test_missing_lpips_weights_are_a_note_not_a_failure(hr, tmp_path, monkeypatch):
     monkeypatch.setenv("GEOSR_CACHE", str(tmp_path))  # an empty cache
     r = _score(hr, hr, lpips=True)
-    assert r["full_reference"]["lpips"] is None
-    assert "LPIPS not computed" in r["full_reference"]["note"] and "geosr weights fetch" in r["full_reference"]["note"]
+    assert r["full_reference"]["lpips"] is None and r["full_reference"]["dists"] is None
+    assert "weights not present" in r["full_reference"]["note"] and "geosr weights fetch" in r["full_reference"]["note"]
     assert r["full_reference"]["psnr_y"] == CAP
 
 

@@ -181,7 +181,11 @@ def _rows(report: dict) -> list[tuple[str, str, str]]:
         ("full reference", "PSNR-Y (dB)", num(fr.get("psnr_y"), "{:.2f}")),
         ("full reference", "SSIM-Y", num(fr.get("ssim_y"))),
         ("full reference", f"LPIPS ({fr.get('lpips_net', 'alex')}) ↓", num(fr.get("lpips"))),
-        ("no reference", "NIQE / MUSIQ / CLIPIQA / MANIQA", "not available (pyiqa not provisioned)"),
+        ("full reference", "DISTS ↓", num(fr.get("dists"))),
+        ("full reference", "pyiqa PSNR-Y (dB) / SSIM-Y",
+         f"{num(fr.get('pyiqa_psnr_y'), '{:.2f}')} / {num(fr.get('pyiqa_ssim_y'))}"),
+        *(("no reference", name.upper() + (" ↓" if name == "niqe" else ""), num(v))
+          for name, v in report.get("no_reference", {}).get("values", {}).items()),
         ("faithfulness", "LR-consistency (dB)", num(fa.get("lr_consistency_db"), "{:.2f}")),
         ("faithfulness", "hallucination map mean / p95 ↓",
          f"{num(fa['map'].get('map_mean'), '{:.2f}')} / {num(fa['map'].get('map_p95'), '{:.2f}')}"),
@@ -199,9 +203,9 @@ def _rows(report: dict) -> list[tuple[str, str, str]]:
         ("buildings", "orientation histogram intersection", num(bu.get("histogram_intersection"))),
         ("buildings", "dominant orientation shift (deg)", num(bu.get("dominant_shift_deg"), "{:.2f}")),
     ]
-    for name in ("roads", "buildings"):
-        if report[name].get("note"):
-            rows.append((name, "note", report[name]["note"]))
+    for name in ("full_reference", "no_reference", "roads", "buildings"):
+        if report.get(name, {}).get("note"):
+            rows.append((name.replace("_", " "), "note", report[name]["note"]))
     return rows
 
 
@@ -222,7 +226,6 @@ def to_html(result, inp, config) -> str:
 <style>body{{font-family:sans-serif;max-width:1200px;margin:auto}}td{{padding:2px 10px;border-bottom:1px solid #ddd}}
 img{{max-width:100%}}pre{{background:#f6f6f6;padding:6px}}</style></head><body>
 <h1>geosr score</h1>
-<p>{html.escape(report['no_reference']['note'])}</p>
 <table><tr><th>group</th><th>metric</th><th>value</th></tr>
 {table}
 </table>

