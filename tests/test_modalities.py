@@ -438,3 +438,50 @@ def test_a_real_osm_pbf_gives_the_features_of_the_layers_derived_from_it(data):
     assert iou(BUILDING) > 0.99 and (a == BUILDING).mean() > 0.3
     # the GeoPackage kept only `highway`; the PBF's lanes/width tags (other_tags) widen some roads
     assert iou(ROAD) > 0.85 and (a == ROAD).mean() > 0.1
+
+
+@pytest.fixture(scope="module")
+def tiny_hub_models(tmp_path_factory):
+    """A SegFormer and a DPT depth model, tiny and random, saved as local folders in the Hub layout."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("hub")
+    labels = {0: "road", 1: "building", 2: "tree"}
+    seg = transformers.SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16],
+                                       patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 1],
+                                       mlp_ratios=[2, 2], decoder_hidden_size=16, num_labels=3, id2label=labels,
+                                       label2id={v: k for k, v in labels.items()})
+    transformers.SegformerForSemanticSegmentation(seg).save_pretrained(root / "seg")
+    transformers.SegformerImageProcessor(size={"height": 64, "width": 64}).save_pretrained(root / "seg")
+    depth = transformers.DPTConfig(hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32,
+                                   image_size=64, patch_size=16, backbone_out_indices=[0, 1, 2, 3],
+                                   neck_hidden_sizes=[8, 8, 8, 8], fusion_hidden_size=8, head_in_index=-1,
+                                   reassemble_factors=[4, 2, 1, 0.5])
+    transformers.DPTForDepthEstimation(depth).save_pretrained(root / "depth")
+    transformers.DPTImageProcessor(size={"height": 64, "width": 64}, keep_aspect_ratio=False).save_pretrained(
+        root / "depth")
+    return root
+
+
+@pytest.mark.slow
+def test_learned_backends_run_through_real_transformers_pipelines(data, tmp_path, tiny_hub_models):
+    """The online path, end to end, with tiny local models in place of Hub ids (the same pipeline code)."""
+    config = ModalitiesConfig(segmentation="transformers", segmentation_model=str(tiny_hub_models / "seg"),
+                              depth="transformers", depth_model=str(tiny_hub_models / "depth"))
+    result = extract_modalities(data / FIXTURE, tmp_path / "m", config)
+    with rasterio.open(data / FIXTURE) as scene, rasterio.open(result.files["segmentation"]) as seg, \
+            rasterio.open(result.files["depth"]) as dep:
+        for out in (seg, dep):
+            assert out.crs == scene.crs and out.transform == scene.transform
+            assert (out.height, out.width) == (scene.height, scene.width)
+        labels = seg.read(1)
+        assert set(np.unique(labels)) <= {0, 1, 2, 3} and len(np.unique(labels)) >= 1
+        assert json.loads(seg.tags()["GEOSR_CLASSES"]) == {"0": "unlabelled", "1": "road", "2": "building",
+                                                           "3": "tree"}
+        depth = dep.read(1)
+        assert np.isfinite(depth).all() and depth.min() >= 0.0 and depth.max() <= 1.0 and depth.std() > 0
+    report = json.loads(result.files["caption"].read_text())
+    assert report["extractors"] == {"edges": "CannyEdges", "segmentation": "TransformersSegmenter",
+                                    "depth": "TransformersDepth"}
