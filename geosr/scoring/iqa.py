@@ -39,7 +39,6 @@ from ..errors import ConfigError, WeightsError
 
 log = logging.getLogger(__name__)
 
-FULL_REFERENCE = ("psnr_y", "ssim_y", "lpips", "dists")
 NO_REFERENCE = ("niqe", "musiq", "clipiqa", "maniqa")
 # geosr name -> (pyiqa metric name, extra pyiqa options)
 _PYIQA = {
@@ -132,7 +131,10 @@ def _swapped(pairs):
 
 @contextlib.contextmanager
 def _no_downloads(allow: bool):
-    """Unless ``allow``: every download route pyiqa, torchvision and CLIP use raises :class:`MissingWeights`."""
+    """Unless ``allow``: every download route pyiqa, torchvision and CLIP use raises :class:`MissingWeights`.
+
+    The routes are module attributes, swapped process-wide while one metric is built (under ``_LOCK``).
+    """
     if allow:
         yield
         return
