@@ -84,6 +84,23 @@ class Scene:
             raise InputError(f"{self.path}: cannot read pixels ({_one_line(err)}); the file may be truncated or corrupt") from err
         return block[:, rows - r0][:, :, cols - c0]
 
+    def read_decimated(self, step: int) -> np.ndarray:
+        """Every ``step``-th row and column of the whole scene, ``(band, ceil(h / step), ceil(w / step))``.
+
+        A strided read of the lazy array: chunks are read one by one and decimated, never the whole scene at once.
+        """
+        try:
+            return np.asarray(self.data[:, ::step, ::step].to_numpy())
+        except Exception as err:
+            raise InputError(f"{self.path}: cannot read pixels ({_one_line(err)}); the file may be truncated or corrupt") from err
+
+    def detached(self) -> "Scene":
+        """A copy without the pixels (``data`` None): what a tile task needs (scaling, nodata, dtype, georeferencing),
+        small and picklable. Shape properties are kept."""
+        from dataclasses import replace
+
+        return replace(self, data=_Shape(tuple(int(n) for n in self.data.shape)))
+
     def valid_mask(self, block: np.ndarray) -> np.ndarray:
         """False where the pixel is outside the footprint: every band equal to nodata (or not finite)."""
         invalid = np.zeros(block.shape[1:], dtype=bool)
@@ -92,6 +109,13 @@ class Scene:
         if block.dtype.kind == "f":
             invalid |= ~np.isfinite(block).all(axis=0)
         return ~invalid
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """Stands in for a detached scene's pixels: only the shape is kept."""
+
+    shape: tuple[int, ...]
 
 
 def _one_line(err: BaseException) -> str:
