@@ -6,7 +6,8 @@ Registered when xarray is imported (``import geosr`` arranges it without importi
     import geosr, rioxarray
     da = rioxarray.open_rasterio("scene.tif", chunks={"x": 1024, "y": 1024})
     sr = da.geosr.enhance(scale=4, model="bicubic")      # lazy (dask); coords, CRS, transform as the CLI writes
-    sr.rio.to_raster("sr.tif")                           # or sr.compute(): streams tile by tile
+    sr.rio.to_raster("sr.tif", recalc_transform=False)   # the exact transform (rioxarray's default recomputes
+                                                         # it from the coordinates, last digits may differ)
     maps = da.geosr.modalities()                         # xr.Dataset: edges, segmentation (, height, vectors)
     result = sr.geosr.score(lr=da, reference=None)       # geosr.scoring.ScoreResult (report, maps)
 """
@@ -82,7 +83,7 @@ class GeosrAccessor:
         from .lazy import enhance_lazy, to_dataarray
 
         config = _config(EnhanceConfig, dict(options, scale=scale, model=model), "enhance")
-        da = self._da
+        da = self._da if self._da.ndim != 2 else self._da.expand_dims("band")
         if config.bands is not None:
             if "band" not in da.dims or any(not 1 <= b <= da.sizes["band"] for b in config.bands):
                 raise ConfigError(f"bands={list(config.bands)}: out of range; the array has bands 1..{da.sizes.get('band', 1)}")
