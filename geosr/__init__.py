@@ -39,6 +39,7 @@ class _LoaderThenRegister(importlib.abc.Loader):
 
     def exec_module(self, module):
         self._loader.exec_module(module)
+        _AfterXarrayImport.remove()
         _register_accessor()
 
     def __getattr__(self, name):  # everything else (resource readers, ...) is the real loader's
@@ -46,16 +47,26 @@ class _LoaderThenRegister(importlib.abc.Loader):
 
 
 class _AfterXarrayImport(importlib.abc.MetaPathFinder):
-    """Finds ``xarray`` with the other finders and wraps its loader; removes itself on first use."""
+    """Finds ``xarray`` with the other finders and wraps its loader. It stays in ``sys.meta_path`` until xarray is
+    actually executed: libraries may look xarray up (``importlib.util.find_spec``) without importing it."""
+
+    _resolving = False
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != "xarray":
+        if fullname != "xarray" or _AfterXarrayImport._resolving:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
+        _AfterXarrayImport._resolving = True
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            _AfterXarrayImport._resolving = False
         if spec is not None and spec.loader is not None:
             spec.loader = _LoaderThenRegister(spec.loader)
         return spec
+
+    @staticmethod
+    def remove() -> None:
+        sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _AfterXarrayImport)]
 
 
 if "xarray" in sys.modules:

@@ -26,7 +26,6 @@ input's chunks (rioxarray-backed chunks reopen the file by path in each worker) 
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +35,7 @@ import numpy as np
 from .config import EnhanceConfig
 from .io.read import Scene
 from .models.base import SRModel
-from .scene import (TileResult, TileRun, _set_threads, blend_cell, edge_mode, enhance_tile, finish_cell,
-                    output_tags, plan, scene_grid, scene_overview)
+from .scene import TileResult, TileRun, blend_cell, enhance_tile, finish_cell, output_tags, prepare_run
 from .tiling import TileGrid, output_transform
 
 log = logging.getLogger(__name__)
@@ -49,7 +47,7 @@ INPUT_CHUNK = 512  # px per side of the dask chunks an in-memory (numpy) input i
 class LazyEnhancement:
     """A scene's enhanced output, not computed yet, and everything needed to georeference it."""
 
-    array: "dask.array.Array"  # (band, y, x) in the input's dtype; chunks = tile cores  # noqa: F821
+    array: "dask.array.Array"  # (band, y, x) in the input's dtype; chunks = the tiling's cells  # noqa: F821
     scene: Scene  # the input, opened
     grid: TileGrid  # the tile grid
     run: TileRun  # what every tile task shares (detached scene, prepared model)
@@ -108,26 +106,6 @@ def _overlaps(bounds: np.ndarray, a: int, b: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def prepare(scene: Scene, config: EnhanceConfig, model: SRModel | None = None) -> TileRun:
-    """Configure and load the model, plan the grid, run the model's ``begin_scene`` once for this scene.
-
-    The model (the registry's ``config.model``, or ``model``) is used through a private shallow copy: loaded
-    weights are shared, while settings and the scene's state (e.g. the mmsr caption) are this run's own, so a
-    later run with other settings cannot change what this one computes.
-    """
-    from .models import get_model
-
-    shared = model or get_model(config.model, device=config.device)
-    shared.configure(config)  # before planning: a checkpoint may set the model's scale and tile
-    grid = plan((scene.height, scene.width), shared, config)
-    shared.prepare()
-    model = copy.copy(shared)
-    _set_threads(config)
-    gsd = float(np.mean(scene.gsd)) / config.scale if scene.georeferenced else None
-    model.begin_scene(scene_overview(scene), gsd=gsd, grid=scene_grid(scene))
-    return TileRun.create(scene, model, grid, edge_mode(model, config))
-
-
 def _input_array(scene: Scene):
     """The scene's pixels as a dask array (in-memory arrays are cut into chunks, not copied)."""
     import dask.array as da
@@ -150,7 +128,7 @@ def enhance_lazy(scene: Scene, config: EnhanceConfig | None = None, *, model: SR
     from dask.highlevelgraph import HighLevelGraph
 
     config = config or EnhanceConfig()
-    run = prepare(scene, config, model)
+    run = prepare_run(scene, config, model, private=True)
     grid = run.grid
     pixels = _input_array(scene)
     token = tokenize(pixels.name, scene.bands, scene.nodata, scene.scaling, config.to_dict(), run.model.name,

@@ -13,6 +13,7 @@ Read scene -> cut tiles -> run the model -> blend -> write, streamed tile by til
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -362,6 +363,24 @@ def _start(model: SRModel, scene: Scene, config: EnhanceConfig) -> None:
     model.begin_scene(scene_overview(scene), gsd=gsd, grid=scene_grid(scene))
 
 
+def prepare_run(scene: Scene, config: EnhanceConfig, model: SRModel | None = None, *,
+                private: bool = False) -> TileRun:
+    """Everything before the first tile: the model (``config.model``, or ``model``) configured, the grid planned,
+    weights loaded, the model's ``begin_scene`` run once with the scene's overview.
+
+    ``private``: run the scene on a shallow copy of the model, so its settings and scene state (e.g. the mmsr
+    caption) are this run's own while loaded weights are shared; a lazy graph that runs later needs that.
+    """
+    model = model or get_model(config.model, device=config.device)
+    model.configure(config)  # before planning: a checkpoint may set the model's scale and tile
+    grid = plan((scene.height, scene.width), model, config)
+    if private:
+        model.prepare()
+        model = copy.copy(model)
+    _start(model, scene, config)
+    return TileRun.create(scene, model, grid, edge_mode(model, config))
+
+
 def _set_threads(config: EnhanceConfig) -> None:
     import torch
 
@@ -404,10 +423,8 @@ def enhance_scene(src, dst, config: EnhanceConfig | None = None, *, progress: Pr
     # GDAL's block cache would otherwise keep read and written blocks (up to 5% of RAM): bound it for the run
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
         scene = open_scene(src, bands=config.bands, nodata=config.nodata)
-        model = get_model(config.model, device=config.device)
-        model.configure(config)  # before planning: a checkpoint may set the model's scale and tile
-        grid = plan((scene.height, scene.width), model, config)
-        _start(model, scene, config)
+        run = prepare_run(scene, config)
+        model, grid = run.model, run.grid
         out_h, out_w = grid.out_shape
         tags = output_tags(model, config, src)
         transform = output_transform(scene.transform, config.scale) if scene.georeferenced else None
@@ -419,7 +436,7 @@ def enhance_scene(src, dst, config: EnhanceConfig | None = None, *, progress: Pr
             with rasterio.open(tmp, "w", **profile) as ds:
                 set_band_metadata(ds, descriptions=scene.descriptions, colorinterp=scene.colorinterp, tags=tags)
                 writer = BlockWriter(ds, dtype=scene.dtype)
-                model_seconds = run_tiles(scene, model, grid, writer.put, edge=edge_mode(model, config),
+                model_seconds = run_tiles(scene, model, grid, writer.put, edge=run.edge,
                                           progress=progress, should_stop=should_stop)
                 if writer.pending:
                     raise RuntimeError("output blocks left unwritten")
@@ -437,14 +454,11 @@ def enhance_array(array: np.ndarray, config: EnhanceConfig | None = None, *, nod
 
     config = config or EnhanceConfig()
     scene = scene_from_array(array, nodata=nodata if nodata is not None else config.nodata)
-    model = model or get_model(config.model, device=config.device)
-    model.configure(config)
-    grid = plan((scene.height, scene.width), model, config)
-    _start(model, scene, config)
-    out = np.empty((scene.count, *grid.out_shape), dtype=scene.dtype)
+    run = prepare_run(scene, config, model)
+    out = np.empty((scene.count, *run.grid.out_shape), dtype=scene.dtype)
 
     def put(y0, x0, block):
         out[:, y0:y0 + block.shape[1], x0:x0 + block.shape[2]] = block
 
-    run_tiles(scene, model, grid, put, edge=edge_mode(model, config), progress=progress)
+    run_tiles(scene, run.model, run.grid, put, edge=run.edge, progress=progress)
     return out if np.ndim(array) == 3 else out[0]
