@@ -199,3 +199,33 @@ def test_mmsr_lazy_equals_enhance_scene_and_begins_each_scene_once(data, tmp_pat
         assert lazy.array.compute().tobytes() == want.tobytes()
     assert len(begun) == 2  # computing runs no begin_scene
     assert lazies[0].tags["GEOSR_CAPTION"] and lazies[0].tags["GEOSR_MODEL"] == "mmsr"
+
+
+def test_graph_runs_in_other_processes(data, tmp_path):
+    """What a distributed runner needs: the graph pickles (workers get the file by path, the model without its
+    weights) and other processes compute the same bits."""
+    import rioxarray
+
+    src = data / "fixtures/landsat7_bahamas_300m_rgb.tif"
+    config = EnhanceConfig(model="bicubic", scale=2, tile=128, threads=1)
+    enhance_scene(src, tmp_path / "cli.tif", config)
+    with rasterio.open(tmp_path / "cli.tif") as ds:
+        expected = ds.read()
+    lazy = enhance_lazy(open_source(rioxarray.open_rasterio(src, chunks={"x": 200, "y": 200})), config)
+    got = lazy.array.compute(scheduler="processes", num_workers=2)
+    assert got.tobytes() == expected.tobytes()
+
+
+def test_torch_models_pickle_without_weights_and_load_once_per_process():
+    import pickle
+
+    from geosr.models import get_model
+
+    model = get_model("realesrgan-x4plus")
+    if not model.weights_present():
+        pytest.skip("realesrgan-x4plus weights not fetched (geosr weights fetch)")
+    model.prepare()
+    copy = pickle.loads(pickle.dumps(model))
+    assert copy._net is None  # the weights do not travel
+    copy.prepare()
+    assert copy._net is model._net  # this process loaded them once
