@@ -95,8 +95,8 @@ class Scene:
             raise InputError(f"{self.path}: cannot read pixels ({_one_line(err)}); the file may be truncated or corrupt") from err
 
     def detached(self) -> "Scene":
-        """A copy without the pixels (``data`` None): what a tile task needs (scaling, nodata, dtype, georeferencing),
-        small and picklable. Shape properties are kept."""
+        """A copy without the pixels (``data`` keeps only their shape): what a tile task needs (scaling, nodata,
+        dtype, georeferencing), small and picklable. ``read`` does not work on it."""
         from dataclasses import replace
 
         return replace(self, data=_Shape(tuple(int(n) for n in self.data.shape)))
