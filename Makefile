@@ -6,7 +6,7 @@ DATA    ?= $(or $(GEOSR_DATA),../shared/data)
 STAMP   := $(VENV)/.geosr-installed
 SCENE   := $(DATA)/scenes/zurich_0p5m_rgb.tif
 
-.PHONY: demo test testdata weights env bench benchmarks plugin clean
+.PHONY: demo test testdata weights env bench benchmarks plugin clean strip-notebooks
 
 env: $(STAMP)
 
@@ -40,6 +40,10 @@ test: weights testdata
 
 bench: weights
 	$(BIN)/geosr bench --json out/bench.json
+
+# committed notebooks carry no outputs (tests/test_notebooks.py checks it): clear them after running one by hand
+strip-notebooks: $(STAMP)
+	$(BIN)/python -c "import glob, nbformat; [nbformat.write(nb, p) for p in glob.glob('notebooks/*.ipynb') for nb in [nbformat.read(p, 4)] if [c.update(outputs=[], execution_count=None) for c in nb.cells if c.cell_type == 'code'] is not None]"
 
 clean:
 	rm -rf out .pytest_cache .hypothesis

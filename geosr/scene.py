@@ -13,9 +13,11 @@ Read scene -> cut tiles -> run the model -> blend -> write, streamed tile by til
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,20 +192,124 @@ def tile_grid(scene: Scene, tile: Tile, edge: str, shape: tuple[int, int]):
                      height=int(shape[0]), width=int(shape[1]))
 
 
+@dataclass
+class TileRun:
+    """What every tile of one scene's run shares, fixed before the first tile: the scene (its scaling, nodata,
+    dtype, georeferencing), the configured model after its ``begin_scene``, the tile grid, the edge mode and the
+    band groups. :func:`run_tiles` and the lazy graph (:mod:`geosr.lazy`) both run tiles through it.
+
+    A model is called by one tile at a time (``begin_tile`` then ``upscale``): ``lock`` serialises them when tiles
+    run in threads; the model parallelises inside itself (torch threads).
+    """
+
+    scene: Scene
+    model: SRModel
+    grid: TileGrid
+    edge: str
+    groups: list[tuple[list[int], str]]
+    has_nodata: bool  # whether output px can be nodata (a nodata value, or a float type: NaN)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @classmethod
+    def create(cls, scene: Scene, model: SRModel, grid: TileGrid, edge: str) -> "TileRun":
+        return cls(scene=scene, model=model, grid=grid, edge=edge,
+                   groups=band_groups(model, scene.alpha),
+                   has_nodata=scene.nodata is not None or np.dtype(scene.dtype).kind == "f")
+
+    def source(self, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
+        """Scene rows and columns ``tile`` reads (cut or reflect-padded at the scene edge)."""
+        return tile.source(self.scene.height, self.scene.width, self.edge)
+
+    def __getstate__(self):  # picklable for process/distributed schedulers: the lock is per process
+        state = dict(self.__dict__)
+        state.pop("lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, lock=threading.Lock())
+
+
+@dataclass
+class TileResult:
+    """One tile's model output on the output grid, before blending."""
+
+    tile: Tile
+    values: np.ndarray  # (C, s h, s w) float32 in the model's range; (h, w) = the px the tile read
+    valid: np.ndarray | None  # (s h, s w): the input px under each output px was valid; None: no nodata possible
+    origin: tuple[int, int]  # output px of values[:, 0, 0]
+    seconds: float  # time inside the model
+
+    def part(self, ya: int, yb: int, xa: int, xb: int) -> np.ndarray:
+        """The values on output px ``[ya, yb) x [xa, xb)``, ``(C, yb - ya, xb - xa)`` float32."""
+        oy, ox = self.origin
+        return self.values[:, ya - oy:yb - oy, xa - ox:xb - ox]
+
+    def valid_part(self, ya: int, yb: int, xa: int, xb: int) -> np.ndarray | None:
+        oy, ox = self.origin
+        return None if self.valid is None else self.valid[ya - oy:yb - oy, xa - ox:xb - ox]
+
+
+def enhance_tile(run: TileRun, tile: Tile, raw: np.ndarray) -> TileResult:
+    """Run the model on one tile: ``raw`` is the scene's pixels at ``run.source(tile)`` as stored ``(C, h, w)``."""
+    s = run.grid.rows.scale
+    x, valid = _scaled(run.scene, raw)
+    with run.lock:
+        run.model.begin_tile(tile_grid(run.scene, tile, run.edge, x.shape[1:]))
+        t0 = time.perf_counter()
+        y = _run_model(run.model, x, run.groups, s)  # (C, s h, s w); h = w = tile size unless cut at the edge
+        seconds = time.perf_counter() - t0
+    valid_out = np.repeat(np.repeat(valid, s, 0), s, 1) if run.has_nodata else None
+    origin = tuple(int(v) * s for v in tile.read_origin(run.edge))
+    return TileResult(tile=tile, values=y, valid=valid_out, origin=origin, seconds=seconds)
+
+
+def single_cover(ycover: tuple[int, ...], xcover: tuple[int, ...]) -> bool:
+    """A cell under one tile only takes that tile's values as they are (no weights)."""
+    return len(ycover) == 1 and len(xcover) == 1
+
+
+def contribution(grid: TileGrid, result: TileResult, ya: int, yb: int, xa: int, xb: int) -> np.ndarray:
+    """``result``'s weighted values on the cell ``[ya, yb) x [xa, xb)``, float64 ``(C, h, w)``."""
+    ty, tx = grid.out_origin(result.tile)  # output px of the weights' first entry
+    wy, wx = grid.rows.weights(result.tile.row), grid.cols.weights(result.tile.col)
+    w = np.outer(wy[ya - ty:yb - ty], wx[xa - tx:xb - tx])
+    return result.part(ya, yb, xa, xb) * w
+
+
+def blend_cell(grid: TileGrid, results: dict[tuple[int, int], TileResult], ya: int, yb: int, ycover,
+               xa: int, xb: int, xcover) -> np.ndarray:
+    """The blended float64 values of one output cell from all of its tiles' results, summed in raster order
+    (the order :func:`run_tiles` adds them in, so both give the same bits)."""
+    if single_cover(ycover, xcover):
+        return results[(ycover[0], xcover[0])].part(ya, yb, xa, xb).astype(np.float64)
+    acc = None
+    for r in ycover:
+        for c in xcover:
+            part = contribution(grid, results[(r, c)], ya, yb, xa, xb)
+            if acc is None:
+                acc = np.zeros(part.shape, dtype=np.float64)
+            acc += part
+    return acc
+
+
+def finish_cell(scene: Scene, value: np.ndarray, last: TileResult, ya: int, yb: int, xa: int, xb: int) -> np.ndarray:
+    """A blended cell -> the output dtype, nodata where the input was (mask from the cell's last tile)."""
+    return _to_dtype(scene, value, last.valid_part(ya, yb, xa, xb))
+
+
 def run_tiles(scene: Scene, model: SRModel, grid: TileGrid, put: Callable[[int, int, np.ndarray], None], *,
               edge: str = "reflect", progress: Progress | None = None,
               should_stop: Callable[[], bool] | None = None) -> float:
-    """Enhance ``scene`` tile by tile, calling ``put(y0, x0, block)`` once per finished output cell.
+    """Enhance ``scene`` tile by tile in raster order, calling ``put(y0, x0, block)`` once per finished output
+    cell. Partly blended cells wait in memory (about one overlap strip); nothing else does.
 
     Returns the seconds spent in the model.
     """
-    s = grid.rows.scale
-    groups = band_groups(model, scene.alpha)
+    run = TileRun.create(scene, model, grid, edge)
     cells = grid.cells_by_tile()
     row_segs = {i: [seg for seg in grid.rows.segments if i in seg[2]] for i in range(len(grid.rows))}
     col_segs = {j: [seg for seg in grid.cols.segments if j in seg[2]] for j in range(len(grid.cols))}
     pending: dict[tuple[int, int], np.ndarray] = {}  # partly blended cells, float64 (C, h, w)
-    has_nodata = scene.nodata is not None or np.dtype(scene.dtype).kind == "f"
     model_seconds = 0.0
     total = len(grid)
     if progress is not None:
@@ -211,33 +317,24 @@ def run_tiles(scene: Scene, model: SRModel, grid: TileGrid, put: Callable[[int, 
     for k, tile in enumerate(grid.tiles()):
         if should_stop is not None and should_stop():
             raise Cancelled("cancelled")
-        x, valid = _read_tile(scene, tile, edge)
-        model.begin_tile(tile_grid(scene, tile, edge, x.shape[1:]))
-        t0 = time.perf_counter()
-        y = _run_model(model, x, groups, s)  # (C, s h, s w); h = w = tile size unless cut at the scene edge
-        model_seconds += time.perf_counter() - t0
-        valid_out = np.repeat(np.repeat(valid, s, 0), s, 1) if has_nodata else None
-        oy, ox = (v * s for v in tile.read_origin(edge))  # output px of y[:, 0, 0]
-        ty, tx = grid.out_origin(tile)  # output px of the weights' first entry
-        wy, wx = grid.rows.weights(tile.row), grid.cols.weights(tile.col)
+        result = enhance_tile(run, tile, scene.read(*run.source(tile)))
+        model_seconds += result.seconds
         finishing = {(c.y0, c.x0) for c in cells.get((tile.row, tile.col), ())}
         for ya, yb, ycover in row_segs[tile.row]:
             for xa, xb, xcover in col_segs[tile.col]:
-                part = y[:, ya - oy:yb - oy, xa - ox:xb - ox]
                 key = (ya, xa)
-                if len(ycover) == 1 and len(xcover) == 1:
-                    value = part.astype(np.float64)
+                if single_cover(ycover, xcover):
+                    value = result.part(ya, yb, xa, xb).astype(np.float64)
                 else:
-                    w = np.outer(wy[ya - ty:yb - ty], wx[xa - tx:xb - tx])
+                    part = contribution(grid, result, ya, yb, xa, xb)
                     acc = pending.get(key)
                     if acc is None:
                         acc = pending[key] = np.zeros(part.shape, dtype=np.float64)
-                    acc += part * w
+                    acc += part
                     if key not in finishing:
                         continue
                     value = pending.pop(key)
-                mask = valid_out[ya - oy:yb - oy, xa - ox:xb - ox] if valid_out is not None else None
-                put(ya, xa, _to_dtype(scene, value, mask))
+                put(ya, xa, finish_cell(scene, value, result, ya, yb, xa, xb))
         if progress is not None:
             progress(k + 1, total, f"tile {k + 1}/{total}")
     if pending:  # a planning bug, never a user error
@@ -255,8 +352,7 @@ OVERVIEW_SIDE = 512  # px per side of the decimated scene view a model gets once
 def scene_overview(scene: Scene) -> np.ndarray:
     """A decimated view ``(C, h, w)`` of the whole scene, scaled to the model's range, nodata filled."""
     f = max(1, -(-max(scene.height, scene.width) // OVERVIEW_SIDE))
-    raw = scene.read(np.arange(0, scene.height, f), np.arange(0, scene.width, f))
-    return _scaled(scene, raw)[0]
+    return _scaled(scene, scene.read_decimated(f))[0]
 
 
 def _start(model: SRModel, scene: Scene, config: EnhanceConfig) -> None:
@@ -265,6 +361,24 @@ def _start(model: SRModel, scene: Scene, config: EnhanceConfig) -> None:
     _set_threads(config)
     gsd = float(np.mean(scene.gsd)) * 1.0 / config.scale if scene.georeferenced else None
     model.begin_scene(scene_overview(scene), gsd=gsd, grid=scene_grid(scene))
+
+
+def prepare_run(scene: Scene, config: EnhanceConfig, model: SRModel | None = None, *,
+                private: bool = False) -> TileRun:
+    """Everything before the first tile: the model (``config.model``, or ``model``) configured, the grid planned,
+    weights loaded, the model's ``begin_scene`` run once with the scene's overview.
+
+    ``private``: run the scene on a shallow copy of the model, so its settings and scene state (e.g. the mmsr
+    caption) are this run's own while loaded weights are shared; a lazy graph that runs later needs that.
+    """
+    model = model or get_model(config.model, device=config.device)
+    model.configure(config)  # before planning: a checkpoint may set the model's scale and tile
+    grid = plan((scene.height, scene.width), model, config)
+    if private:
+        model.prepare()
+        model = copy.copy(model)
+    _start(model, scene, config)
+    return TileRun.create(scene, model, grid, edge_mode(model, config))
 
 
 def _set_threads(config: EnhanceConfig) -> None:
@@ -309,10 +423,8 @@ def enhance_scene(src, dst, config: EnhanceConfig | None = None, *, progress: Pr
     # GDAL's block cache would otherwise keep read and written blocks (up to 5% of RAM): bound it for the run
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
         scene = open_scene(src, bands=config.bands, nodata=config.nodata)
-        model = get_model(config.model, device=config.device)
-        model.configure(config)  # before planning: a checkpoint may set the model's scale and tile
-        grid = plan((scene.height, scene.width), model, config)
-        _start(model, scene, config)
+        run = prepare_run(scene, config)
+        model, grid = run.model, run.grid
         out_h, out_w = grid.out_shape
         tags = output_tags(model, config, src)
         transform = output_transform(scene.transform, config.scale) if scene.georeferenced else None
@@ -324,7 +436,7 @@ def enhance_scene(src, dst, config: EnhanceConfig | None = None, *, progress: Pr
             with rasterio.open(tmp, "w", **profile) as ds:
                 set_band_metadata(ds, descriptions=scene.descriptions, colorinterp=scene.colorinterp, tags=tags)
                 writer = BlockWriter(ds, dtype=scene.dtype)
-                model_seconds = run_tiles(scene, model, grid, writer.put, edge=edge_mode(model, config),
+                model_seconds = run_tiles(scene, model, grid, writer.put, edge=run.edge,
                                           progress=progress, should_stop=should_stop)
                 if writer.pending:
                     raise RuntimeError("output blocks left unwritten")
@@ -342,14 +454,11 @@ def enhance_array(array: np.ndarray, config: EnhanceConfig | None = None, *, nod
 
     config = config or EnhanceConfig()
     scene = scene_from_array(array, nodata=nodata if nodata is not None else config.nodata)
-    model = model or get_model(config.model, device=config.device)
-    model.configure(config)
-    grid = plan((scene.height, scene.width), model, config)
-    _start(model, scene, config)
-    out = np.empty((scene.count, *grid.out_shape), dtype=scene.dtype)
+    run = prepare_run(scene, config, model)
+    out = np.empty((scene.count, *run.grid.out_shape), dtype=scene.dtype)
 
     def put(y0, x0, block):
         out[:, y0:y0 + block.shape[1], x0:x0 + block.shape[2]] = block
 
-    run_tiles(scene, model, grid, put, edge=edge_mode(model, config), progress=progress)
+    run_tiles(scene, run.model, run.grid, put, edge=run.edge, progress=progress)
     return out if np.ndim(array) == 3 else out[0]

@@ -84,6 +84,23 @@ class Scene:
             raise InputError(f"{self.path}: cannot read pixels ({_one_line(err)}); the file may be truncated or corrupt") from err
         return block[:, rows - r0][:, :, cols - c0]
 
+    def read_decimated(self, step: int) -> np.ndarray:
+        """Every ``step``-th row and column of the whole scene, ``(band, ceil(h / step), ceil(w / step))``.
+
+        A strided read of the lazy array: chunks are read one by one and decimated, never the whole scene at once.
+        """
+        try:
+            return np.asarray(self.data[:, ::step, ::step].to_numpy())
+        except Exception as err:
+            raise InputError(f"{self.path}: cannot read pixels ({_one_line(err)}); the file may be truncated or corrupt") from err
+
+    def detached(self) -> "Scene":
+        """A copy without the pixels (``data`` keeps only their shape): what a tile task needs (scaling, nodata,
+        dtype, georeferencing), small and picklable. ``read`` does not work on it."""
+        from dataclasses import replace
+
+        return replace(self, data=_Shape(tuple(int(n) for n in self.data.shape)))
+
     def valid_mask(self, block: np.ndarray) -> np.ndarray:
         """False where the pixel is outside the footprint: every band equal to nodata (or not finite)."""
         invalid = np.zeros(block.shape[1:], dtype=bool)
@@ -92,6 +109,13 @@ class Scene:
         if block.dtype.kind == "f":
             invalid |= ~np.isfinite(block).all(axis=0)
         return ~invalid
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """Stands in for a detached scene's pixels: only the shape is kept."""
+
+    shape: tuple[int, ...]
 
 
 def _one_line(err: BaseException) -> str:
@@ -196,19 +220,80 @@ def scene_from_array(array: np.ndarray, *, transform: Affine | None = None, crs=
         array = array[None]
     if array.ndim != 3:
         raise InputError(f"array must be (band, y, x), got shape {array.shape}")
-    dtype = str(array.dtype)
+    return _array_scene(xr.DataArray(array, dims=("band", "y", "x")), transform=transform, crs=crs, nodata=nodata,
+                        descriptions=descriptions, colorinterp=colorinterp)
+
+
+def _array_scene(da, *, transform, crs, nodata, descriptions=None, colorinterp=None, bands=None) -> Scene:
+    """A Scene around a ``(band, y, x)`` DataArray (numpy or dask); scaling from its decimated pixels."""
+    dtype = str(da.dtype)
     if dtype not in SUPPORTED_DTYPES:
         raise InputError(f"unsupported data type {dtype}; supported: {', '.join(SUPPORTED_DTYPES)}")
-    n = array.shape[0]
+    n = da.shape[0]
     scene = Scene(
-        path=None, data=xr.DataArray(array, dims=("band", "y", "x")), bands=tuple(range(1, n + 1)), dtype=dtype,
+        path=None, data=da, bands=tuple(bands or range(1, n + 1)), dtype=dtype,
         crs=crs, transform=transform or Affine.identity(), nodata=nodata,
         descriptions=tuple(descriptions or (None,) * n),
         colorinterp=tuple(colorinterp or (ColorInterp.undefined,) * n), georeferenced=crs is not None,
     )
     f = _decimation(scene)
-    scene.scaling, scene.alpha = _scene_statistics(scene, array[:, ::f, ::f])
+    scene.scaling, scene.alpha = _scene_statistics(scene, scene.read_decimated(f))
     return scene
+
+
+def _file_view(da) -> tuple[Path, tuple[int, ...]] | None:
+    """``(path, bands)`` when ``da`` holds a file's pixels as stored (opened by ``rioxarray.open_rasterio``
+    without masking or scaling, possibly a band subset); None for anything else (cropped, computed, in memory)."""
+    source = da.encoding.get("source")
+    if not source or not Path(source).is_file() or "band" not in da.coords:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            with rasterio.open(source) as src:
+                shape, dtypes, transform, crs = (src.height, src.width), src.dtypes, src.transform, src.crs
+                count = src.count
+        bands = tuple(int(b) for b in np.atleast_1d(da.coords["band"].values))
+        same = (tuple(da.shape[1:]) == shape and str(da.dtype) == dtypes[0] and all(1 <= b <= count for b in bands)
+                and (crs is None or da.rio.crs == crs) and np.allclose(tuple(da.rio.transform())[:6],
+                                                                        tuple(transform)[:6], rtol=0, atol=1e-9))
+    except Exception:  # anything unexpected: treat it as an array, which is always correct
+        return None
+    return (Path(source), bands) if same else None
+
+
+def scene_from_dataarray(da, *, nodata: float | None = None) -> Scene:
+    """Wrap an xarray DataArray ``(band, y, x)`` or ``(y, x)``, numpy- or dask-backed, as a :class:`Scene`.
+
+    A DataArray that holds a file's pixels as stored (``rioxarray.open_rasterio(path, chunks=...)``, a band
+    subset allowed) gets the file's scene statistics, read as ``enhance_scene`` reads them, so both give the
+    same output; its pixels are still read from the DataArray (its chunks). Anything else is scaled from its
+    own decimated pixels, as :func:`scene_from_array` does. Georeferencing comes from ``da.rio`` (CRS,
+    transform from the coordinates or the GeoTransform), nodata from ``nodata`` or ``da.rio.nodata``.
+    """
+    import rioxarray  # noqa: F401  (registers .rio)
+
+    if da.ndim == 2:
+        da = da.expand_dims("band")
+    if da.ndim != 3 or tuple(da.dims[1:]) != ("y", "x"):
+        raise InputError(f"DataArray dims {da.dims}: need (band, y, x) or (y, x); rename or transpose it first")
+    view = _file_view(da)
+    if view is not None:
+        path, bands = view
+        scene = open_scene(path, bands=bands, nodata=nodata)
+        scene.data = da
+        return scene
+    crs = da.rio.crs
+    try:
+        transform = da.rio.transform()
+    except Exception:  # no coordinates and no GeoTransform: pixel space
+        transform = None
+    file_nodata = da.rio.nodata
+    nodata = nodata if nodata is not None else (None if file_nodata is None else float(file_nodata))
+    long_name = da.attrs.get("long_name")
+    descriptions = tuple(long_name) if isinstance(long_name, (tuple, list)) and len(long_name) == da.shape[0] else None
+    return _array_scene(da, transform=transform if crs is not None else None, crs=crs, nodata=nodata,
+                        descriptions=descriptions)
 
 
 def _scene_statistics(scene: Scene, sample: np.ndarray) -> tuple[tuple[BandScaling, ...], tuple[bool, ...]]:

@@ -15,6 +15,8 @@ from .base import SRModel
 
 log = logging.getLogger(__name__)
 
+_LOADED: dict[tuple[str, str], object] = {}  # (weights file, device) -> network: loaded once per process
+
 
 def resolve_device(device: str) -> str:
     import torch
@@ -67,9 +69,22 @@ class TorchSR(SRModel):
             if not self.weights_present():
                 raise WeightsError(f"model '{self.name}': weights not found at {self.path}; run 'geosr weights fetch'")
             device = resolve_device(self.device)
-            self._net = importlib.import_module(self.module).load(self.path, device=device)
-            self._device = device
-            log.info("loaded %s from %s on %s", self.name, self.path, device)
+            key = (str(self.path), device)
+            if key not in _LOADED:
+                _LOADED[key] = importlib.import_module(self.module).load(self.path, device=device)
+                log.info("loaded %s from %s on %s", self.name, self.path, device)
+            self._net, self._device = _LOADED[key], device
+
+    def __getstate__(self):
+        """Pickled (for process or distributed schedulers) without the network: a worker loads the weights from its
+        own cache, once per process."""
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        state["_net"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _lock=threading.Lock())
 
     def upscale(self, x: np.ndarray, scale: int) -> np.ndarray:
         import torch
