@@ -162,6 +162,7 @@ class SubprocessBackend:
                 proc.kill()
         returncode = proc.wait()
         reader.join(timeout=5)
+        proc.stdout.close()
         if cancelled:
             if output:  # killed before it could clean up (or Windows, where terminate is a kill)
                 for p in partial_outputs(output):

@@ -35,6 +35,11 @@ class EnhanceDialog(QDialog):
         self.scale.setRange(1, 16)
         self.scale.setValue(4)
         form.addRow("Scale", self.scale)
+        self.tile = QSpinBox()
+        self.tile.setRange(0, 8192)
+        self.tile.setSpecialValueText("the model's")
+        self.tile.setToolTip("tile size in input px: smaller tiles need less memory")
+        form.addRow("Tile size", self.tile)
         self.output = QgsFileWidget()
         self.output.setStorageMode(QgsFileWidget.SaveFile)
         self.output.setFilter("GeoTIFF (*.tif *.tiff)")
@@ -132,7 +137,8 @@ class EnhanceDialog(QDialog):
         if not output:
             raise ValueError("choose an output GeoTIFF")
         opts = EnhanceOptions(input=layer_file(layer.source()), output=output, model=self.model.currentText(),
-                              scale=self.scale.value(), overwrite=self.overwrite.isChecked())
+                              scale=self.scale.value(), tile=self.tile.value() or None,
+                              overwrite=self.overwrite.isChecked())
         if opts.model in GEODATA_MODELS:
             opts.checkpoint = self.checkpoint.filePath().strip() or None
             opts.modalities = tuple(n for n, box in self.modalities.items() if box.isChecked())

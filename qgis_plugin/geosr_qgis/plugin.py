@@ -51,7 +51,8 @@ class GeosrPlugin:
     def unload(self):
         for action in self.actions:
             self.iface.removePluginRasterMenu(MENU, action)
-            self.iface.removeToolBarIcon(action)
+        if self.actions:
+            self.iface.removeToolBarIcon(self.actions[0])
         self.actions = []
         if self.provider is not None:
             QgsApplication.processingRegistry().removeProvider(self.provider)
@@ -76,8 +77,9 @@ class GeosrPlugin:
     def start_enhance(self, options: EnhanceOptions, backend=None) -> GeosrTask | None:
         """Run ``options`` in a background task; the result layer is added to the project when it is done."""
         try:
+            options.cli_args()  # refuses what cannot be asked (e.g. an unknown modality) before a task starts
             backend = backend or settings.configured_backend()
-        except RunError as err:
+        except (RunError, ValueError) as err:
             self.iface.messageBar().pushCritical(TITLE, str(err))
             return None
 

@@ -72,7 +72,7 @@ class _GeosrAlgorithm(QgsProcessingAlgorithm):
             return getattr(backend, method)(opts, progress, feedback.isCanceled)
         except RunCancelled:
             raise QgsProcessingException("cancelled; no output was written") from None
-        except RunError as err:
+        except (RunError, ValueError) as err:
             raise QgsProcessingException(str(err)) from None
 
 
@@ -125,7 +125,7 @@ class EnhanceAlgorithm(_GeosrAlgorithm):
         self.addParameter(QgsProcessingParameterRasterDestination("OUTPUT", "Enhanced raster"))
 
     def processAlgorithm(self, parameters, context, feedback):
-        modalities = self.parameterAsEnumStrings(parameters, "MODALITIES", context)
+        modalities = [m for m in self.parameterAsEnumStrings(parameters, "MODALITIES", context) if m]
         guidance = parameters.get("GUIDANCE")
         opts = EnhanceOptions(
             input=self._file(parameters, "INPUT", context),
