@@ -5,7 +5,8 @@ Run with QGIS's Python (Debian: /usr/bin/python3), not the project's venv; tests
     QT_QPA_PLATFORM=offscreen /usr/bin/python3 tests/qgis_checks.py CHECK --fixture F --scene S \
         --interpreter .venv/bin/python --pythonpath . --workdir DIR
 
-CHECK is one of processing, task, cancel, backend. Exits 0 when every assertion holds, else prints the failed
+CHECK is one of processing, task, cancel, backend, zip (the built plugin zip, installed and started the way QGIS
+does). Exits 0 when every assertion holds, else prints the failed
 one and exits 1. The plugin's backend is set to ``subprocess`` with the given interpreter (geosr does not import
 in QGIS's Python).
 """
@@ -21,7 +22,8 @@ from pathlib import Path
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "qgis_plugin"))
+if "zip" not in sys.argv[1:2]:  # the zip check imports the plugin from the extracted zip only
+    sys.path.insert(0, str(REPO / "qgis_plugin"))
 
 from qgis.core import (Qgis, QgsApplication, QgsProcessingFeedback, QgsProject, QgsRasterLayer,  # noqa: E402
                        QgsTask)
@@ -334,7 +336,45 @@ def check_backend(args):
     print("ok a missing interpreter is one line")
 
 
-CHECKS = {"processing": check_processing, "task": check_task, "cancel": check_cancel, "backend": check_backend}
+def check_zip(args):
+    """Install the zip as QGIS does (extract into a plugins folder), load and start it, run Processing enhance."""
+    import zipfile
+
+    import qgis.utils
+
+    plugins = Path(args.workdir) / "profile" / "python" / "plugins"
+    plugins.mkdir(parents=True)
+    with zipfile.ZipFile(args.zip) as zf:
+        zf.extractall(plugins)
+    sys.path.insert(0, str(plugins))
+    qgis.utils.plugin_paths.insert(0, str(plugins))
+    qgis.utils.updateAvailablePlugins()  # what QGIS does at startup: scan the plugin folders
+    check("geosr_qgis" in qgis.utils.available_plugins, f"QGIS does not see the plugin: {qgis.utils.available_plugins}")
+    for key, want in (("name", "geosr"), ("qgisMinimumVersion", "3.22"), ("hasProcessingProvider", "yes")):
+        got = qgis.utils.pluginMetadata("geosr_qgis", key)
+        check(got == want, f"QGIS reads metadata {key}={got!r}, not {want!r}")
+    iface = FakeIface()
+    qgis.utils.iface = iface
+    check(qgis.utils.loadPlugin("geosr_qgis"), "QGIS could not load geosr_qgis from the zip")
+    check(qgis.utils.startPlugin("geosr_qgis"), "QGIS could not start geosr_qgis")
+    import geosr_qgis
+
+    check(Path(geosr_qgis.__file__).resolve().parent == (plugins / "geosr_qgis").resolve(),
+          f"geosr_qgis imported from {geosr_qgis.__file__}, not the zip")
+    check([a.text() for a in iface.toolbar] == ["Enhance with geosr"], "no toolbar button")
+    check(QgsApplication.processingRegistry().algorithmById("geosr:enhance") is not None, "no geosr:enhance")
+    configure(args)
+    src = QgsRasterLayer(args.fixture, "fixture")
+    out = Path(args.workdir) / "zip_x2.tif"
+    processing.run("geosr:enhance", {"INPUT": args.fixture, "MODEL": "nearest", "SCALE": 2, "OUTPUT": str(out)})
+    assert_enhanced(out, src, 2)
+    qgis.utils.showException = lambda *a, **k: traceback.print_exception(a[0], a[1], a[2])  # not a dialog
+    check(qgis.utils.unloadPlugin("geosr_qgis"), "QGIS could not unload geosr_qgis")
+    check(QgsApplication.processingRegistry().algorithmById("geosr:enhance") is None, "provider left registered")
+    print(f"ok the zip installs, starts (button, provider), enhances and unloads: {args.zip}")
+
+
+CHECKS = {"zip": check_zip, "processing": check_processing, "task": check_task, "cancel": check_cancel, "backend": check_backend}
 
 
 def main() -> int:
@@ -345,6 +385,7 @@ def main() -> int:
     p.add_argument("--interpreter", required=True, help="Python with geosr (the project's .venv/bin/python)")
     p.add_argument("--pythonpath", default="")
     p.add_argument("--workdir", required=True)
+    p.add_argument("--zip", default=None, help="the plugin zip (zip check)")
     args = p.parse_args()
     try:
         CHECKS[args.check](args)
