@@ -292,6 +292,7 @@ def check_cancel(args):
     wait_until(lambda: task not in plugin.tasks, 60, "the cancelled task to finish")
     took = time.monotonic() - t0
     check(task.cancelled and task.error is None, f"cancelled={task.cancelled}, error={task.error}")
+    check(took < 10, f"{took:.1f} s from Cancel to the end: geosr did not stop on SIGTERM (it was killed)")
     check(task.status() == QgsTask.Terminated, f"task status {task.status()}")
     check(task.progress() < 100, f"progress {task.progress()} after Cancel")
     check(proc is not None and proc.poll() is not None, "the geosr subprocess is still running")
@@ -321,18 +322,18 @@ def check_cancel(args):
 
 def check_backend(args):
     from geosr_qgis import settings
-    from geosr_qgis.backend import InProcessBackend, SubprocessBackend, geosr_importable
+    from geosr_qgis.backend import InProcessBackend, SubprocessBackend, in_process_safe
 
     configure(args)
     settings.set_value("backend", "auto")
     backend = settings.configured_backend()
-    importable = geosr_importable()
+    importable = in_process_safe()
     check(isinstance(backend, InProcessBackend if importable else SubprocessBackend), f"auto chose {backend}")
     if isinstance(backend, SubprocessBackend):
         check(backend.interpreter == args.interpreter, f"interpreter {backend.interpreter}")
         version = backend.version()
         check(version.startswith("geosr "), f"--version said {version!r}")
-    print(f"ok auto backend in QGIS's Python ({sys.executable}): geosr importable={importable} -> {backend.name}, "
+    print(f"ok auto backend in QGIS's Python ({sys.executable}): geosr safely importable={importable} -> {backend.name}, "
           f"{backend.version()}")
     settings.set_value("interpreter", "/nonexistent/python")
     try:

@@ -247,6 +247,30 @@ class InProcessBackend:
         return result.report
 
 
+NATIVE_GEO = ("rasterio", "pyproj", "pyogrio")  # geosr's modules that link GDAL / PROJ
+
+
+def bundled_native_libraries(modules=NATIVE_GEO) -> list[str]:
+    """Those of ``modules`` installed from wheels that carry their own GDAL / PROJ (``rasterio.libs/``,
+    ``pyproj.libs/`` beside the package, or ``.dylibs/`` inside it).
+
+    Loaded into QGIS, they bring a second GDAL / PROJ into a process that already has QGIS's: found here with
+    the project's venv on QGIS 3.22, where the first in-process run worked and the second segfaulted in pyproj.
+    """
+    found = []
+    for name in modules:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        if spec is None or not spec.origin:
+            continue
+        package = Path(spec.origin).parent
+        if (package.parent / f"{name}.libs").is_dir() or (package / ".dylibs").is_dir():
+            found.append(name)
+    return found
+
+
 def geosr_importable() -> bool:
     """Whether ``geosr`` and what its entry point needs import in this Python (without importing torch)."""
     try:
@@ -260,15 +284,24 @@ def geosr_importable() -> bool:
         return False
 
 
+def in_process_safe() -> bool:
+    """``auto`` runs geosr in-process only when it imports and its GDAL / PROJ are not a second copy (wheels)."""
+    return geosr_importable() and not bundled_native_libraries()
+
+
 def choose_backend(mode: str = AUTO, interpreter: str | None = None, pythonpath: str | None = None,
-                   importable: Callable[[], bool] = geosr_importable):
-    """The backend for the settings: ``inprocess``, ``subprocess``, or ``auto`` (in-process when geosr imports
-    in this Python, else the interpreter's CLI)."""
+                   importable: Callable[[], bool] = geosr_importable,
+                   safe: Callable[[], bool] = in_process_safe):
+    """The backend for the settings: ``inprocess`` (geosr must import here), ``subprocess`` (the interpreter's
+    CLI), or ``auto``: in-process when geosr imports in this Python without its own copy of GDAL / PROJ, else the
+    subprocess (with no interpreter set, the in-process library if it imports at all)."""
     if mode not in BACKENDS:
         raise RunError(f"unknown backend {mode!r} in the geosr plugin settings; choose {', '.join(BACKENDS)}")
-    if mode == IN_PROCESS or (mode == AUTO and importable()):
-        if mode == IN_PROCESS and not importable():
+    if mode == IN_PROCESS:
+        if not importable():
             raise RunError(f"geosr does not import in this Python ({sys.executable}); set the backend to auto "
                            "or subprocess and choose an interpreter in the geosr plugin settings")
+        return InProcessBackend()
+    if mode == AUTO and (safe() or (not interpreter and importable())):
         return InProcessBackend()
     return SubprocessBackend(interpreter or "", pythonpath)
