@@ -184,6 +184,31 @@ def _processing_runs(args, provider):
         raise AssertionError("scale 3 with rrdn-gan did not fail")
     check(not (work / "bad.tif").exists(), "a failed run left an output")
 
+    # in a graphical model: a scene parameter feeding geosr:enhance, its OUTPUT the model's output
+    from qgis.core import (QgsProcessingModelAlgorithm, QgsProcessingModelChildAlgorithm,
+                           QgsProcessingModelChildParameterSource, QgsProcessingModelOutput,
+                           QgsProcessingModelParameter, QgsProcessingParameterRasterLayer)
+
+    model = QgsProcessingModelAlgorithm("geosr in a model", "tests")
+    model.addModelParameter(QgsProcessingParameterRasterLayer("scene", "Scene"), QgsProcessingModelParameter("scene"))
+    child = QgsProcessingModelChildAlgorithm("geosr:enhance")
+    child.setChildId("enhance")
+    child.addParameterSources("INPUT", [QgsProcessingModelChildParameterSource.fromModelParameter("scene")])
+    child.addParameterSources("MODEL", [QgsProcessingModelChildParameterSource.fromStaticValue("nearest")])
+    child.addParameterSources("SCALE", [QgsProcessingModelChildParameterSource.fromStaticValue(2)])
+    model_out = QgsProcessingModelOutput("enhanced")
+    model_out.setChildId("enhance")
+    model_out.setChildOutputName("OUTPUT")
+    child.setModelOutputs({"enhanced": model_out})
+    model.addChildAlgorithm(child)
+    ok, problems = model.validate()
+    check(ok, f"model does not validate: {problems}")
+    out_model = work / "model_x2.tif"
+    result = processing.run(model, {"scene": args.fixture, "enhance:enhanced": str(out_model)})
+    check(Path(result["enhance:enhanced"]) == out_model, f"model outputs {result}")
+    assert_enhanced(out_model, src, 2)
+    print("ok enhance inside a graphical model")
+
     mods = processing.run("geosr:modalities", {"INPUT": args.fixture, "OUTPUT": str(work / "modalities")})
     edges = QgsRasterLayer(mods["EDGES"], "edges")
     check(edges.isValid() and edges.crs() == src.crs() and edges.extent() == src.extent(),
