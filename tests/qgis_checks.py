@@ -371,6 +371,18 @@ def check_backend(args):
         check(version.startswith("geosr "), f"--version said {version!r}")
     print(f"ok auto backend in QGIS's Python ({sys.executable}): geosr safely importable={importable} -> {backend.name}, "
           f"{backend.version()}")
+    from geosr_qgis.plugin import SettingsDialog
+
+    dialog = SettingsDialog()  # what the user sees: the stored values, Test, OK stores the edits
+    check((dialog.backend.currentText(), dialog.interpreter.filePath()) == ("auto", args.interpreter),
+          "the settings dialog does not show the stored settings")
+    dialog.backend.setCurrentText("subprocess")
+    dialog.test()
+    check(dialog.status.text().startswith("subprocess: geosr "), f"Test says {dialog.status.text()!r}")
+    dialog.save()
+    check(settings.backend_mode() == "subprocess", f"backend stored as {settings.backend_mode()!r}")
+    print("ok settings dialog:", dialog.status.text())
+
     settings.set_value("interpreter", "/nonexistent/python")
     try:
         settings.configured_backend().version()
