@@ -369,8 +369,8 @@ def check_backend(args):
         check(backend.interpreter == args.interpreter, f"interpreter {backend.interpreter}")
         version = backend.version()
         check(version.startswith("geosr "), f"--version said {version!r}")
-    print(f"ok auto backend in QGIS's Python ({sys.executable}): geosr safely importable={importable} -> {backend.name}, "
-          f"{backend.version()}")
+    print(f"ok auto backend in QGIS's Python ({sys.executable}): geosr safely importable={importable} -> "
+          f"{backend.name}, {backend.version()}")
     from geosr_qgis.plugin import SettingsDialog
 
     dialog = SettingsDialog()  # what the user sees: the stored values, Test, OK stores the edits
@@ -431,7 +431,8 @@ def check_zip(args):
     print(f"ok the zip installs, starts (button, provider), enhances and unloads: {args.zip}")
 
 
-CHECKS = {"zip": check_zip, "processing": check_processing, "task": check_task, "cancel": check_cancel, "backend": check_backend}
+CHECKS = {"zip": check_zip, "processing": check_processing, "task": check_task, "cancel": check_cancel,
+          "backend": check_backend}
 
 
 def main() -> int:

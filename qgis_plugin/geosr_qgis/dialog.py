@@ -124,7 +124,8 @@ class EnhanceDialog(QDialog):
 
     def _suggest_output(self, *_):
         layer = self.layer.currentLayer()
-        if layer is not None and (not self.output.filePath() or self.output.filePath() == getattr(self, "_suggested", None)):
+        current = self.output.filePath()
+        if layer is not None and (not current or current == getattr(self, "_suggested", None)):
             self._suggested = default_output(layer.source(), self.scale.value())
             self.output.setFilePath(self._suggested)
 

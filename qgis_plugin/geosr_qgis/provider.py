@@ -31,7 +31,7 @@ class GeosrProvider(QgsProcessingProvider):
     def icon(self):
         return QIcon(str(ICON))
 
-    def supportedOutputRasterLayerExtensions(self):  # noqa: N802: geosr writes GeoTIFF
+    def supportedOutputRasterLayerExtensions(self):  # noqa: N802 (geosr writes GeoTIFF only)
         return ["tif"]
 
     def loadAlgorithms(self):
@@ -170,7 +170,8 @@ class ModalitiesAlgorithm(_GeosrAlgorithm):
         self.addParameter(QgsProcessingParameterVectorLayer("VECTORS", "Roads / buildings / water",
                                                             [QgsProcessing.TypeVectorAnyGeometry], optional=True))
         self.addParameter(QgsProcessingParameterNumber("TILE", "Tile side (px; empty: 512)",
-                                                       QgsProcessingParameterNumber.Integer, optional=True, minValue=16))
+                                                       QgsProcessingParameterNumber.Integer, optional=True,
+                                                       minValue=16))
         self.addParameter(QgsProcessingParameterFolderDestination("OUTPUT", "Output folder"))
         self.addOutput(QgsProcessingOutputRasterLayer("EDGES", "Edges"))
         self.addOutput(QgsProcessingOutputRasterLayer("SEGMENTATION", "Segmentation"))
