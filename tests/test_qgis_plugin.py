@@ -1,7 +1,8 @@
 """The QGIS plugin (qgis_plugin/geosr_qgis).
 
 - Plain-Python parts (options -> CLI arguments, progress lines, backend choice, the subprocess and in-process
-  backends, the CLI's --progress-json and SIGTERM) run here, in the project's venv, against the real geosr.
+  backends) run here (the CLI's --progress-json and SIGTERM: test_cli.py), in the project's venv, against the
+  real geosr.
 - Everything that needs QGIS runs in a real, headless QGIS: each ``test_in_qgis`` case starts QGIS's own Python
   (Debian: /usr/bin/python3; set GEOSR_QGIS_PYTHON to change it) on tests/qgis_checks.py with offscreen Qt, and
   skips only when that Python has no ``qgis`` module. The plugin there runs geosr through this venv's Python.
@@ -12,9 +13,7 @@
 from __future__ import annotations
 
 import configparser
-import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -174,40 +173,6 @@ def test_subprocess_environment_drops_qgis_python_variables(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", "/qgis/python")
     env = SubprocessBackend("/py").environment()
     assert "PYTHONHOME" not in env and "PYTHONPATH" not in env and env["PYTHONUNBUFFERED"] == "1"
-
-
-# ----------------------------------------------------------------------------------------------- the CLI's side
-
-
-def test_cli_progress_json_lines_on_stderr(run_cli, data, tmp_path):
-    proc = run_cli("enhance", data / "fixtures" / FIXTURE, "-o", tmp_path / "o.tif", "-m", "bicubic", "--tile", "64",
-                   "--progress-json")
-    assert proc.returncode == 0, proc.stderr
-    events = [json.loads(ln) for ln in proc.stderr.splitlines()]
-    assert [e["done"] for e in events] == list(range(len(events))) and events[-1]["done"] == events[-1]["total"] > 1
-    assert all(e["event"] == "progress" for e in events) and "tile" not in proc.stdout.split("wrote")[0]
-
-
-def test_cli_stops_on_sigterm_and_leaves_nothing(data, tmp_path):
-    out = tmp_path / "o.tif"
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "geosr", "enhance", str(data / "scenes" / SCENE), "-o", str(out),
-                             "-m", "lanczos", "--tile", "32", "--overlap", "8", "--progress-json"],
-                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        for line in proc.stderr:  # wait until tiles are being written
-            event = parse_line(line)
-            if event is not None and event.done >= 3:
-                break
-        assert partial_outputs(out), "no partial output while working"
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err
-    assert "nothing was written" in err
-    assert not out.exists() and not partial_outputs(out)
 
 
 # ----------------------------------------------------------------------------------------------- backends, real geosr
