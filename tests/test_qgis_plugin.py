@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import configparser
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -173,6 +174,68 @@ def test_subprocess_environment_drops_qgis_python_variables(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", "/qgis/python")
     env = SubprocessBackend("/py").environment()
     assert "PYTHONHOME" not in env and "PYTHONPATH" not in env and env["PYTHONUNBUFFERED"] == "1"
+
+
+# ----------------------------------------------------------------------------------------------- subprocess, a stand-in
+
+
+FAKE_GEOSR = """\
+import json, os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a geosr that does not stop on SIGTERM
+print(json.dumps({"event": "progress", "done": 1, "total": 2, "message": "tile 1/2"}), file=sys.stderr, flush=True)
+print("geosr: warning: something", file=sys.stderr, flush=True)
+time.sleep(float(os.environ["FAKE_SLEEP"]))
+if os.environ.get("FAKE_ERROR"):
+    print("geosr: error: " + os.environ["FAKE_ERROR"], file=sys.stderr, flush=True)
+    sys.exit(1)
+"""
+
+
+@pytest.fixture
+def fake_interpreter(tmp_path, monkeypatch):
+    """An "interpreter" whose ``-m geosr ...`` runs FAKE_GEOSR instead (argument list as the plugin builds it)."""
+    script = tmp_path / "fake_geosr.py"
+    script.write_text(FAKE_GEOSR)
+    exe = tmp_path / "python"
+    exe.write_text(f"#!/bin/sh\nexec {sys.executable} {script}\n")
+    exe.chmod(0o755)
+    monkeypatch.setenv("FAKE_SLEEP", "0")
+    return str(exe)
+
+
+def test_subprocess_killed_after_the_grace_time_leaves_no_partial_file(fake_interpreter, tmp_path, monkeypatch):
+    import geosr_qgis.backend as backend_module
+
+    monkeypatch.setattr(backend_module, "TERMINATE_GRACE_S", 0.5)
+    monkeypatch.setenv("FAKE_SLEEP", "60")
+    out = tmp_path / "o.tif"
+    partial = tmp_path / ".o.tif.abc123.geosr-part.tif"  # what a killed geosr leaves behind
+    partial.write_bytes(b"")
+    backend = SubprocessBackend(fake_interpreter)
+    seen = []
+    t0 = time.monotonic()
+    with pytest.raises(RunCancelled):
+        backend.enhance(EnhanceOptions(input="in.tif", output=str(out)), progress=lambda *a: seen.append(a),
+                        should_stop=lambda: bool(seen))
+    assert time.monotonic() - t0 < 20
+    assert seen == [(1, 2, "tile 1/2")]
+    assert backend.process.returncode == -signal.SIGKILL
+    assert not partial.exists()
+
+
+def test_subprocess_that_finishes_despite_cancel_keeps_its_result(fake_interpreter, tmp_path):
+    backend = SubprocessBackend(fake_interpreter)
+    seen = []  # Cancel after the first progress line: SIGTERM is ignored by then, and it exits 0
+    out = str(tmp_path / "o.tif")
+    assert backend.enhance(EnhanceOptions(input="in.tif", output=out), progress=lambda *a: seen.append(a),
+                           should_stop=lambda: bool(seen)) == out
+    assert seen and backend.process.returncode == 0
+
+
+def test_subprocess_error_is_geosrs_line(fake_interpreter, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_ERROR", "in.tif: no such file")
+    with pytest.raises(RunError, match="^in.tif: no such file$"):
+        SubprocessBackend(fake_interpreter).enhance(EnhanceOptions(input="in.tif", output=str(tmp_path / "o.tif")))
 
 
 # ----------------------------------------------------------------------------------------------- backends, real geosr

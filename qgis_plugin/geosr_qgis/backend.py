@@ -163,7 +163,7 @@ class SubprocessBackend:
         returncode = proc.wait()
         reader.join(timeout=5)
         proc.stdout.close()
-        if cancelled:
+        if cancelled and returncode != 0:  # (exit 0: it finished before the Cancel arrived; the output is there)
             if output:  # killed before it could clean up (or Windows, where terminate is a kill)
                 for p in partial_outputs(output):
                     p.unlink(missing_ok=True)
