@@ -160,13 +160,15 @@ def test_auto_backend_is_in_process_only_when_geosr_imports_safely():
 def test_wheels_with_their_own_gdal_are_found(tmp_path, monkeypatch):
     from geosr_qgis.backend import bundled_native_libraries
 
-    for name, libs in (("rasterio", True), ("pyproj", False)):
+    # stand-ins with names of their own (the real rasterio / pyproj may be imported already in this process)
+    for name, libs in (("wheel_like_gdal_binding", True), ("system_like_proj_binding", False)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text("")
         if libs:
             (tmp_path / f"{name}.libs").mkdir()
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert bundled_native_libraries(("rasterio", "pyproj", "no_such_module_here")) == ["rasterio"]
+    found = bundled_native_libraries(("wheel_like_gdal_binding", "system_like_proj_binding", "no_such_module_here"))
+    assert found == ["wheel_like_gdal_binding"]
 
 
 def test_subprocess_environment_drops_qgis_python_variables(monkeypatch):
