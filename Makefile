@@ -38,6 +38,12 @@ testdata: $(STAMP)
 test: weights testdata
 	GEOSR_DATA=$(DATA) $(BIN)/python -m pytest -q
 
+# the installable QGIS plugin: $(PLUGIN_DIST)/geosr_qgis-<version>.zip (Plugins > Install from ZIP)
+PLUGIN_DIST ?= dist
+
+plugin:
+	$(PY) qgis_plugin/build_zip.py $(PLUGIN_DIST)
+
 bench: weights
 	$(BIN)/geosr bench --json out/bench.json
 

@@ -60,6 +60,12 @@ def _add_diffusion(p: argparse.ArgumentParser) -> None:
                    help="your roads / buildings / water (gpkg, geojson, osm.pbf), laid over the segmentation")
 
 
+def _add_progress_json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress-json", dest="progress_json", action="store_true",
+                   help="instead of the bar, one JSON line per step on stderr: "
+                        '{"event": "progress", "done": D, "total": T, "message": M} (for programs, e.g. QGIS)')
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="geosr", description="Super-resolution for georeferenced imagery.")
     parser.add_argument("--version", action="version", version=f"geosr {__version__}")
@@ -76,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview", type=Path, default=None, help="also write a side-by-side PNG (input | output)")
     p.add_argument("--config", type=Path, default=None, help="YAML with any of the settings; flags override it")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_progress_json(p)
 
     p = sub.add_parser("train", help="train the MMSR diffusion model (tokenizers, then conditioner and UNet)")
     p.add_argument("--config", type=Path, required=True, help="training YAML (e.g. configs/mmsr_small.yaml)")
@@ -122,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", default=None, help="replace existing outputs in the folder")
     p.add_argument("--config", type=Path, default=None, help="YAML with any ModalitiesConfig setting; flags override")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_progress_json(p)
 
     sub.add_parser("models", help="list models and whether their weights are present")
 
@@ -156,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let pyiqa download missing metric weights into geosr's cache (needs internet)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_progress_json(p)
     return parser
 
 
@@ -199,7 +208,16 @@ def _cmd_enhance(args) -> int:
 
 
 def _progress_bar(args, unit: str, desc: str):
-    """``(progress callback, close)``: a tqdm bar on stderr created at the first call, or nothing with -q."""
+    """``(progress callback, close)``: a tqdm bar on stderr created at the first call, JSON lines with
+    --progress-json, or nothing with -q."""
+    if getattr(args, "progress_json", False):
+        import json
+
+        def progress_json(done, total, message):
+            print(json.dumps({"event": "progress", "done": done, "total": total, "message": message}),
+                  file=sys.stderr, flush=True)
+
+        return progress_json, lambda: None
     if args.quiet:
         return None, lambda: None
     from tqdm import tqdm
@@ -411,6 +429,26 @@ def _quiet_native_stderr():
         sys.stderr = old_stderr
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (e.g. a QGIS Cancel of the subprocess) stops like Ctrl-C, so partial outputs are removed."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        yield
+        return
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 COMMANDS = {"enhance": _cmd_enhance, "train": _cmd_train, "info": _cmd_info, "modalities": _cmd_modalities,
             "models": _cmd_models, "weights": _cmd_weights, "bench": _cmd_bench, "score": _cmd_score}
 
@@ -436,7 +474,7 @@ def main(argv=None) -> int:
         warnings.filterwarnings("ignore", category=UserWarning, module="pyproj")
     warnings.showwarning = lambda message, *a, **k: print(f"geosr: warning: {message}", file=sys.stderr)
     try:
-        with contextlib.nullcontext() if args.verbose else _quiet_native_stderr():
+        with _sigterm_as_interrupt(), contextlib.nullcontext() if args.verbose else _quiet_native_stderr():
             return COMMANDS[args.command](args)
     except GeosrError as err:
         print(f"geosr: error: {err}", file=sys.stderr)

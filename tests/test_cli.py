@@ -198,3 +198,44 @@ def test_existing_preview_refused_before_any_work(run_cli, make_tif, tmp_path):
     proc = run_cli("enhance", src, "-o", tmp_path / "o.tif", "-m", "bicubic", "--preview", png)
     assert_one_line_error(proc, "--overwrite")
     assert png.read_bytes() == b"mine" and not (tmp_path / "o.tif").exists()
+
+
+# ----------------------------------------------------------------------------------------------- for programs (QGIS)
+
+
+def test_progress_json_lines_on_stderr(run_cli, data, tmp_path):
+    import json
+
+    proc = run_cli("enhance", data / "fixtures" / FIXTURE, "-o", tmp_path / "o.tif", "-m", "bicubic", "--tile", "64",
+                   "--progress-json")
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(ln) for ln in proc.stderr.splitlines()]  # every stderr line is one JSON event
+    assert all(e["event"] == "progress" for e in events)
+    assert [e["done"] for e in events] == list(range(len(events)))
+    assert events[-1]["done"] == events[-1]["total"] == 9 and events[-1]["message"] == "tile 9/9"
+    assert proc.stdout.startswith("wrote ")
+
+
+def test_sigterm_stops_like_ctrl_c_and_leaves_nothing(data, tmp_path):
+    import json
+
+    from conftest import GEOSR
+
+    out = tmp_path / "o.tif"
+    proc = subprocess.Popen([GEOSR, "enhance", str(data / "scenes" / "zurich_0p5m_rgb.tif"), "-o", str(out), "-m",
+                             "lanczos", "--tile", "32", "--overlap", "8", "--progress-json"],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        for line in proc.stderr:  # until tiles are being written
+            if line.startswith("{") and json.loads(line)["done"] >= 3:
+                break
+        assert list(tmp_path.glob(".o.tif.*.geosr-part*")), "no partial output while working"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "nothing was written" in err
+    assert _listing(tmp_path) == []
