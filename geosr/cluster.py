@@ -143,7 +143,10 @@ def enhance_resumable(src: Path, dst: Path, config: EnhanceConfig, *,
     check_settings(config)
     check_output_path(src, dst, overwrite=config.overwrite)
     distributed = config.scheduler != "threads"
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), contextlib.ExitStack() as stack:
+        # an existing cluster is asked first (a dead address fails in seconds, before any work);
+        # a local one is started only once there is work for it
+        client = stack.enter_context(connect(config)) if distributed and config.scheduler else None
         scene = open_scene(src, bands=config.bands, nodata=config.nodata)
         lazy = enhance_lazy(scene, config, remote=distributed)
         grid = lazy.grid
@@ -171,9 +174,9 @@ def enhance_resumable(src: Path, dst: Path, config: EnhanceConfig, *,
             writes = [delayed(_write_cell, pure=True)(store, p, q, blocks[0, p, q], dask_key_name=(prefix, p, q))
                       for p, q in todo]
             if distributed:
-                with connect(config) as client:
-                    _compute_distributed(client, writes, total=total, done0=len(done), progress=progress,
-                                         should_stop=should_stop)
+                client = client or stack.enter_context(connect(config))
+                _compute_distributed(client, writes, total=total, done0=len(done), progress=progress,
+                                     should_stop=should_stop)
             else:
                 _compute_threads(writes, total=total, done0=len(done), progress=progress, should_stop=should_stop)
             missing = len(todo) - len(set(todo) & store.done())
