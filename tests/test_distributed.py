@@ -147,6 +147,26 @@ def test_worker_killed_midway_job_completes_identically(synthetic, tmp_path):
         assert set(threads.values()) == {max(1, (os.cpu_count() or 1) // 2)}
 
 
+def test_resume_computes_only_the_tiles_of_missing_cells(synthetic, tmp_path):
+    from dask.callbacks import Callback
+
+    src, expected, meta = synthetic
+    dst = tmp_path / "out.tif"
+    config = EnhanceConfig(**SYN, scheduler="threads")
+    with pytest.raises(Cancelled):
+        enhance_scene(src, dst, config, should_stop=lambda: _cells(dst) >= 150)
+    partial = _cells(dst)
+    assert 150 <= partial < 289
+    ran = []
+    with Callback(pretask=lambda key, dsk, state: ran.append(key)):
+        result = enhance_scene(src, dst, config)
+    tiles = {k for k in ran if isinstance(k, tuple) and str(k[0]).startswith("geosr-tile")}
+    stored = {k for k in ran if isinstance(k, tuple) and str(k[0]).startswith("geosr-store")}
+    assert result.resumed_cells == partial and len(stored) == 289 - partial
+    assert result.skipped_tiles > 0 and len(tiles) == 81 - result.skipped_tiles
+    assert _read(dst) == (expected, meta)
+
+
 def test_changed_settings_against_a_partial_store_are_refused(synthetic, tmp_path):
     src, expected, meta = synthetic
     dst = tmp_path / "out.tif"
