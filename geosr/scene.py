@@ -48,7 +48,7 @@ class EnhanceResult:
     shape: tuple[int, int, int]  # (band, y, x) of the output
     tiles: int
     seconds: float
-    model_seconds: float  # time spent inside the model alone
+    model_seconds: float  # time spent inside the model alone (NaN for --scheduler/--workers runs: not collected)
     config: EnhanceConfig
     tags: dict = field(default_factory=dict)
     resumed_cells: int = 0  # resumable runs (--scheduler/--workers): output cells found done in the partial store
