@@ -2,7 +2,7 @@
 overhead per tile from dask's task stream, and the arithmetic for a national mosaic.
 
 Each configuration runs on an already started cluster (``scheduler=<address>``), so cluster start-up is not
-timed; the first run on a cluster (model built on each worker) is a warm-up and not timed either. Per
+timed; the first run on a cluster (model built on each worker) is a warm-up and not timed (``--no-warmup``: it is). Per
 configuration ``--repeat`` timed runs, the minimum reported. From the task stream (``distributed.get_task_stream``,
 the data behind the dashboard's task-stream plot):
 
@@ -61,7 +61,8 @@ def stream_stats(records: list[dict], n_threads: int, n_tiles: int) -> dict:
                 busy_s=busy, span_s=span, overhead_per_tile_s=(span * n_threads - busy) / n_tiles)
 
 
-def measure(scene: Path, out: Path, config_kw: dict, workers: int, threads: int | None, repeat: int) -> dict:
+def measure(scene: Path, out: Path, config_kw: dict, workers: int, threads: int | None, repeat: int,
+            warmup: bool) -> dict:
     from distributed import Client, LocalCluster, get_task_stream
 
     from geosr.config import EnhanceConfig
@@ -71,14 +72,16 @@ def measure(scene: Path, out: Path, config_kw: dict, workers: int, threads: int 
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         config = EnhanceConfig(**config_kw, scheduler=cluster.scheduler_address, threads=threads, overwrite=True)
-        enhance_scene(scene, out, config)  # warm-up: each worker builds the model
-        torch_threads = sorted(client.run(lambda dask_worker: dask_worker.geosr_torch_threads).values())
+        if warmup:
+            enhance_scene(scene, out, config)  # each worker builds the model (else: inside the first timed run)
         for _ in range(repeat):
             with get_task_stream(client) as ts:
                 t0 = time.perf_counter()
                 result = enhance_scene(scene, out, config)
                 wall = time.perf_counter() - t0
             runs.append(dict(wall_s=wall, **stream_stats(ts.data, workers, result.tiles)))
+            # set by geosr's worker plugin, registered by the run
+            torch_threads = sorted(client.run(lambda dask_worker: dask_worker.geosr_torch_threads).values())
             print(f"  {workers} worker(s), torch threads {torch_threads}: {wall:.1f} s "
                   f"(tile {runs[-1]['tile_compute_s']:.2f} s, overhead/tile {runs[-1]['overhead_per_tile_s']:.3f} s)",
                   flush=True)
@@ -106,6 +109,8 @@ def main() -> int:
     ap.add_argument("--tile", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--no-warmup", dest="warmup", action="store_false",
+                    help="no untimed first run: the per-worker model build is then inside the timing")
     args = ap.parse_args()
 
     from geosr.models import get_model
@@ -120,14 +125,14 @@ def main() -> int:
         out = Path(tmp) / "out.tif"
         load = [os.getloadavg()]
         print(f"{args.model}, {args.size} px crop of Zurich, tile {args.tile} (overlap {overlap}), {cores} cores")
-        one_all = measure(scene, out, kw, 1, None, args.repeat)  # 1 worker, torch on every core
-        one_one = measure(scene, out, kw, 1, 1, args.repeat)  # 1 worker, 1 torch thread: per-worker scaling
-        two = measure(scene, out, kw, 2, None, args.repeat)  # 2 workers, cores // 2 torch threads each
+        one_all = measure(scene, out, kw, 1, None, args.repeat, args.warmup)  # 1 worker, torch on every core
+        one_one = measure(scene, out, kw, 1, 1, args.repeat, args.warmup)  # 1 worker, 1 torch thread: per-worker scaling
+        two = measure(scene, out, kw, 2, None, args.repeat, args.warmup)  # 2 workers, cores // 2 torch threads each
         load.append(os.getloadavg())
     w1, w1t1, w2 = (m["best"]["wall_s"] for m in (one_all, one_one, two))
     tile_s = two["best"]["tile_compute_s"]  # seconds per tile on one worker with cores // 2 threads
     report = dict(
-        model=args.model, size=args.size, tile=args.tile, overlap=overlap, cores=cores, load_average=load,
+        command=" ".join(sys.argv), warmup=args.warmup, model=args.model, size=args.size, tile=args.tile, overlap=overlap, cores=cores, load_average=load,
         one_worker_all_threads=one_all, one_worker_one_thread=one_one, two_workers=two,
         speedup_2_workers_vs_1_worker_all_threads=w1 / w2, speedup_2_workers_vs_1_worker_1_thread=w1t1 / w2,
         mosaic_100000_km2_0p5m_input_x4=mosaic(tile_s * (256 / args.tile) ** 2, 256, overlap),

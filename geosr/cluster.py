@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -103,8 +104,14 @@ def _compute_threads(writes, *, total: int, done0: int, progress, should_stop) -
         if should_stop is not None and should_stop():
             raise Cancelled("cancelled; finished cells are kept: rerun the same command to resume")
 
-    with Callback(posttask=posttask):
-        dask.compute(*writes, scheduler="threads", num_workers=os.cpu_count() or 1)
+    # our own pool, so that on cancel or error we return only once the tasks in flight are done: nothing writes
+    # into the store after this returns
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="geosr")
+    try:
+        with Callback(posttask=posttask):
+            dask.compute(*writes, scheduler="threads", pool=pool)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _compute_distributed(client, writes, *, total: int, done0: int, progress, should_stop) -> None:

@@ -3,9 +3,9 @@
 Models do not pickle (open locks, compiled graphs) and should not travel: a worker builds the run's model itself,
 once, from its own weights cache (``~/.cache/geosr/weights`` or ``$GEOSR_CACHE``), and keeps it for every tile
 of the run. The graph's run key (see :mod:`geosr.lazy`) holds a :class:`RunSpec` (the detached scene, the grid,
-the settings, the scene overview for the model's ``begin_scene``); the task :func:`build_run` turns it into a
-:class:`RemoteTileRun`, cached per process by the run's token. When dask moves that result to another worker it
-pickles as its spec, and the receiving worker builds (or finds) its own.
+the settings, the scene overview for the model's ``begin_scene``) wrapped in a :class:`RunRef`: small, cheap to
+move between workers. A tile task asking it for the model calls :func:`build_run`, which builds the run once per
+process (on a worker thread, never while a message is deserialised) and caches it by the run's token.
 
 :class:`GeosrWorkerPlugin` sets each worker's torch threads so that torch and dask do not oversubscribe cores:
 ``cores // (workers on the host x dask threads per worker)``, at least 1, unless ``--threads`` says otherwise.
@@ -31,7 +31,7 @@ from .tiling import TileGrid
 log = logging.getLogger(__name__)
 
 KEEP_RUNS = 2  # runs (models with their scene state) a worker keeps; older ones are dropped
-_RUNS: "OrderedDict[str, RemoteTileRun]" = OrderedDict()
+_RUNS: "OrderedDict[str, TileRun]" = OrderedDict()
 _LOCK = threading.Lock()
 MODEL_BUILDS = 0  # how many times this process built a run's model (tests check: once per worker)
 
@@ -49,17 +49,27 @@ class RunSpec:
     gsd: float | None
 
 
-@dataclass
-class RemoteTileRun(TileRun):
-    """A worker's run: pickles as its spec, so it is rebuilt (or found in the cache) wherever it lands."""
+class RunRef:
+    """What the graph's run key holds on workers: the spec only, so it pickles small and deserialising it never
+    loads anything. The model (and the lock that serialises calls to it) come from :func:`build_run` on first use,
+    inside a tile task on a worker thread: once per process, whichever copies of the reference a worker holds."""
 
-    spec: RunSpec | None = None
+    def __init__(self, spec: RunSpec):
+        self.spec = spec
 
-    def __reduce__(self):
-        return build_run, (self.spec,)
+    scene = property(lambda self: self.spec.scene)
+    grid = property(lambda self: self.spec.grid)
+    edge = property(lambda self: self.spec.edge)
+    model = property(lambda self: build_run(self.spec).model)
+    groups = property(lambda self: build_run(self.spec).groups)
+    has_nodata = property(lambda self: build_run(self.spec).has_nodata)
+    lock = property(lambda self: build_run(self.spec).lock)
+
+    def source(self, tile):
+        return tile.source(self.scene.height, self.scene.width, self.edge)
 
 
-def build_run(spec: RunSpec) -> RemoteTileRun:
+def build_run(spec: RunSpec) -> TileRun:
     """This process's run for ``spec``: built once (model configured, loaded, ``begin_scene``), then cached."""
     global MODEL_BUILDS
     from .models import get_model
@@ -75,9 +85,8 @@ def build_run(spec: RunSpec) -> RemoteTileRun:
         model = copy.copy(shared)  # this run's settings and scene state; weights shared
         model.begin_scene(spec.overview, gsd=spec.gsd, grid=scene_grid(spec.scene))
         scene = spec.scene
-        run = RemoteTileRun(scene=scene, model=model, grid=spec.grid, edge=spec.edge,
-                            groups=band_groups(model, scene.alpha),
-                            has_nodata=scene.nodata is not None or np.dtype(scene.dtype).kind == "f", spec=spec)
+        run = TileRun(scene=scene, model=model, grid=spec.grid, edge=spec.edge, groups=band_groups(model, scene.alpha),
+                      has_nodata=scene.nodata is not None or np.dtype(scene.dtype).kind == "f")
         MODEL_BUILDS += 1
         log.info("worker %d: built %s for run %s", os.getpid(), model.name, spec.token[:8])
         _RUNS[spec.token] = run
@@ -87,10 +96,10 @@ def build_run(spec: RunSpec) -> RemoteTileRun:
 
 
 def remote_run_task(token: str, run: TileRun, overview: np.ndarray, gsd: float | None, config: EnhanceConfig):
-    """The graph task that stands for ``run`` on workers: ``(build_run, RunSpec)``."""
+    """The graph task that stands for ``run`` on workers: ``(RunRef, RunSpec)``."""
     spec = RunSpec(token=token, scene=run.scene, grid=run.grid, edge=run.edge, config=config,
                    overview=np.ascontiguousarray(overview, dtype=np.float32), gsd=gsd)
-    return (build_run, spec)
+    return (RunRef, spec)
 
 
 class GeosrWorkerPlugin(WorkerPlugin):
