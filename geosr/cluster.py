@@ -62,11 +62,10 @@ def connect(config: EnhanceConfig):
                            "pip install 'geosr[distributed]'") from None
     from .worker import GeosrWorkerPlugin
 
-    cluster = None
     with contextlib.ExitStack() as stack:
         if config.workers is not None:
             cluster = stack.enter_context(LocalCluster(
-                n_workers=int(config.workers), threads_per_worker=1, processes=True, dashboard_address=None,
+                n_workers=int(config.workers), threads_per_worker=1, processes=True, dashboard_address=":0",
                 silence_logs=logging.ERROR))
             client = stack.enter_context(Client(cluster, timeout=CONNECT_TIMEOUT))
         else:
@@ -78,6 +77,11 @@ def connect(config: EnhanceConfig):
                                    f"{time.monotonic() - t0:.0f} s; start one (dask scheduler) or check the "
                                    "address") from None
             stack.enter_context(client)
+            try:  # a scheduler without workers would take the job and never run it
+                client.wait_for_workers(1, timeout=CONNECT_TIMEOUT)
+            except TimeoutError:
+                raise BackendError(f"--scheduler {config.scheduler}: the scheduler has no workers (waited "
+                                   f"{CONNECT_TIMEOUT} s); start some with: dask worker {config.scheduler}") from None
         per_host: dict[str, int] = {}
         for addr in client.scheduler_info(n_workers=-1)["workers"]:
             host = addr.rsplit(":", 1)[0]

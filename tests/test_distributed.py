@@ -214,6 +214,19 @@ def test_unanswered_scheduler_address_fails_fast_with_one_line(synthetic, tmp_pa
     assert list(tmp_path.iterdir()) == []  # nothing left behind
 
 
+def test_scheduler_without_workers_fails_instead_of_waiting_forever(synthetic, tmp_path):
+    from distributed import LocalCluster
+
+    from geosr.errors import BackendError
+
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster:
+        t0 = time.monotonic()
+        with pytest.raises(BackendError, match="the scheduler has no workers .*dask worker tcp://"):
+            enhance_scene(synthetic[0], tmp_path / "o.tif", EnhanceConfig(**SYN, scheduler=cluster.scheduler_address))
+        assert time.monotonic() - t0 < 30
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("bad, match", [(dict(workers=0), "at least 1"), (dict(scheduler="localhost"), "tcp://"),
                                         (dict(workers=2, scheduler="threads"), "one of them")])
 def test_bad_cluster_settings(synthetic, tmp_path, bad, match):
