@@ -12,7 +12,7 @@ the data behind the dashboard's task-stream plot):
   (scheduling, transfers, idling at the end), charged to the tiles.
 
     python benchmarks/distributed_scaling.py [--model rrdn-gan] [--size 256] [--tile 128] [--repeat 2]
-           [--json benchmarks/results/distributed_scaling.json]
+           [--json benchmarks/results/distributed_scaling.json] [--no-warmup] [--pairs N]
 """
 
 from __future__ import annotations
@@ -89,6 +89,34 @@ def measure(scene: Path, out: Path, config_kw: dict, workers: int, threads: int 
     return dict(workers=workers, torch_threads=torch_threads, tiles=result.tiles, runs=runs, best=best)
 
 
+def alternate(scene: Path, out: Path, config_kw: dict, pairs: int) -> list[dict]:
+    """1 worker x 1 torch thread and 2 workers x 1, run alternately on two clusters started once, so load that
+    other processes put on a shared machine drifts into both alike; one speed-up per pair."""
+    from distributed import Client, LocalCluster
+
+    from geosr.config import EnhanceConfig
+    from geosr.scene import enhance_scene
+
+    out_pairs = []
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as c1, \
+            LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as c2:
+        configs = [EnhanceConfig(**config_kw, scheduler=c.scheduler_address, threads=1, overwrite=True)
+                   for c in (c1, c2)]
+        for config in configs:  # warm-up: models built on every worker
+            enhance_scene(scene, out, config)
+        for i in range(pairs):
+            walls = []
+            for config in configs:
+                t0 = time.perf_counter()
+                enhance_scene(scene, out, config)
+                walls.append(time.perf_counter() - t0)
+            out_pairs.append(dict(one_worker_s=walls[0], two_workers_s=walls[1], speedup=walls[0] / walls[1],
+                                  load_average=os.getloadavg()))
+            print(f"  pair {i + 1}: 1 worker {walls[0]:.1f} s, 2 workers {walls[1]:.1f} s: "
+                  f"{walls[0] / walls[1]:.2f}x", flush=True)
+    return out_pairs
+
+
 def mosaic(tile_s: float, tile: int, overlap: int, *, area_km2: float = 1e5, gsd_m: float = 0.5, scale: int = 4,
            bands: int = 3, bytes_per_sample: int = 1, workers: int = 2, hours_budget: float = 24.0) -> dict:
     """What a mosaic of ``area_km2`` at input GSD ``gsd_m`` needs, from a measured time per tile."""
@@ -109,6 +137,8 @@ def main() -> int:
     ap.add_argument("--tile", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--pairs", type=int, default=0,
+                    help="only alternate 1 and 2 workers (1 torch thread each) this many times, after a warm-up")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false",
                     help="no untimed first run: the per-worker model build is then inside the timing")
     args = ap.parse_args()
@@ -124,6 +154,17 @@ def main() -> int:
         scene = make_scene(Path(tmp) / "scene.tif", args.size)
         out = Path(tmp) / "out.tif"
         load = [os.getloadavg()]
+        if args.pairs:
+            pairs = alternate(scene, out, kw, args.pairs)
+            speedups = sorted(p["speedup"] for p in pairs)
+            print(f"speed-up 2 vs 1 worker, median of {len(pairs)} alternated pairs: "
+                  f"{speedups[len(speedups) // 2]:.2f}x")
+            if args.json:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(dict(command=" ".join(sys.argv), model=args.model, size=args.size,
+                                                     tile=args.tile, cores=cores, pairs=pairs), indent=1))
+                print(f"wrote {args.json}")
+            return 0
         print(f"{args.model}, {args.size} px crop of Zurich, tile {args.tile} (overlap {overlap}), {cores} cores")
         one_all = measure(scene, out, kw, 1, None, args.repeat, args.warmup)  # 1 worker, torch on every core
         one_one = measure(scene, out, kw, 1, 1, args.repeat, args.warmup)  # 1 worker, 1 torch thread: per-worker scaling
