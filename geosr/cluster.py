@@ -62,7 +62,13 @@ def connect(config: EnhanceConfig):
                            "pip install 'geosr[distributed]'") from None
     from .worker import GeosrWorkerPlugin
 
+    # dask.distributed logs every start, connection and shutdown at INFO: shown only when geosr's own INFO is
+    chatty = logging.getLogger("distributed")
+    level = chatty.level
     with contextlib.ExitStack() as stack:
+        if not log.isEnabledFor(logging.INFO):
+            chatty.setLevel(logging.WARNING)
+            stack.callback(chatty.setLevel, level)
         if config.workers is not None:
             cluster = stack.enter_context(LocalCluster(
                 n_workers=int(config.workers), threads_per_worker=1, processes=True, dashboard_address=":0",
