@@ -83,6 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None, help="YAML with any of the settings; flags override it")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_progress_json(p)
+    g = p.add_argument_group(
+        "scaling out and resuming",
+        "With --scheduler or --workers, finished output cells go to OUT.geosr-partial/ beside the output; rerunning "
+        "the same command after a crash resumes it (a run with other settings is refused; --restart discards it). "
+        "The GeoTIFF is written from it at the end and the folder removed. Without either flag the run streams "
+        "in-process and is not resumable.")
+    g.add_argument("--scheduler", default=None, metavar="threads|tcp://HOST:PORT",
+                   help="'threads': dask's local threaded scheduler; an address: an existing dask.distributed "
+                        "cluster (the input, output folder and weights must be visible to its workers)")
+    g.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="start a local cluster of N worker processes (1 dask thread and cores/N torch threads each)")
+    g.add_argument("--restart", action="store_true", default=None,
+                   help="discard a partial store left by a run with other settings and start over")
 
     p = sub.add_parser("train", help="train the MMSR diffusion model (tokenizers, then conditioner and UNet)")
     p.add_argument("--config", type=Path, required=True, help="training YAML (e.g. configs/mmsr_small.yaml)")
@@ -199,6 +212,9 @@ def _cmd_enhance(args) -> int:
         close()
     print(f"wrote {result.path} ({result.shape[2]}x{result.shape[1]}, {result.shape[0]} bands, "
           f"model {result.tags['GEOSR_MODEL']}, {result.tiles} tiles, {result.seconds:.1f} s)")
+    if result.resumed_cells:
+        print(f"resumed: {result.resumed_cells} output cells were already done; {result.skipped_tiles} of "
+              f"{result.tiles} tiles skipped")
     if args.preview:
         from .io.preview import write_preview
 

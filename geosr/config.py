@@ -54,7 +54,7 @@ class EnhanceConfig:
     cog: bool = False  # write a Cloud-Optimized GeoTIFF with overviews
     overwrite: bool = False  # replace an existing output
     device: str = "cpu"  # cpu, cuda or auto
-    threads: int | None = None  # torch threads; None: all cores
+    threads: int | None = None  # torch threads (per worker with a cluster); None: all cores (shared by a host's workers)
     # diffusion models (mmsr) only; other models ignore these
     checkpoint: str | None = None  # MMSR checkpoint folder (from `geosr train`) or Hugging Face id owner/name
     steps: int = 4  # denoising steps (DDIM, trailing spacing: few steps work)
@@ -69,6 +69,10 @@ class EnhanceConfig:
     dsm: str | None = None  # DSM / nDSM raster for the depth modality (used if the checkpoint has a depth tokenizer)
     landcover: str | None = None  # land-cover raster with a class table: its classes replace the heuristic's
     vectors: str | None = None  # vector layers (gpkg, geojson, osm.pbf): roads, buildings, water over the segmentation
+    # scaling out and resuming (geosr.cluster): either one selects the resumable engine; neither streams in-process
+    scheduler: str | None = None  # "threads" (local dask threads) or a dask.distributed address tcp://host:port
+    workers: int | None = None  # start a LocalCluster of this many worker processes (1 dask thread each)
+    restart: bool = False  # discard a partial store left by a run with other settings instead of refusing
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -116,12 +116,14 @@ def _input_array(scene: Scene):
     return da.from_array(np.asarray(data), chunks=(1, INPUT_CHUNK, INPUT_CHUNK))
 
 
-def enhance_lazy(scene: Scene, config: EnhanceConfig | None = None, *, model: SRModel | None = None) -> LazyEnhancement:
+def enhance_lazy(scene: Scene, config: EnhanceConfig | None = None, *, model: SRModel | None = None,
+                 remote: bool = False) -> LazyEnhancement:
     """The enhanced ``scene`` as a dask array; nothing beyond the model's ``begin_scene`` is computed now.
 
     ``array.compute()`` equals, bit for bit, what :func:`geosr.enhance_scene` writes for the same scene and
     ``config`` (and :func:`geosr.enhance_array` for an in-memory scene). ``model`` overrides ``config.model``
-    with a model object (e.g. one built in a test).
+    with a model object (e.g. one built in a test). ``remote=True`` builds the graph for dask.distributed
+    workers: the run key is then a task that builds the model on each worker once (:mod:`geosr.worker`).
     """
     import dask.array as da
     from dask.base import tokenize
@@ -137,6 +139,11 @@ def enhance_lazy(scene: Scene, config: EnhanceConfig | None = None, *, model: SR
     name = f"geosr-enhance-{token}"
     run_key, tile_name, piece_name = f"geosr-run-{token}", f"geosr-tile-{token}", f"geosr-piece-{token}"
     dsk: dict = {run_key: task_run}
+    if remote:  # models do not pickle: each worker builds its own from a small spec (geosr.worker)
+        from .worker import remote_run_task
+
+        gsd = float(np.mean(scene.gsd)) / config.scale if scene.georeferenced else None
+        dsk[run_key] = remote_run_task(token, task_run, scene_overview(scene), gsd, config)
 
     # 1. one task per tile: its window assembled from the input chunks it overlaps, then the model
     bands_b, rows_b, cols_b = (np.cumsum((0,) + c) for c in pixels.chunks)

@@ -49,9 +49,11 @@ class EnhanceResult:
     shape: tuple[int, int, int]  # (band, y, x) of the output
     tiles: int
     seconds: float
-    model_seconds: float  # time spent inside the model alone
+    model_seconds: float  # time spent inside the model alone (NaN for --scheduler/--workers runs: not collected)
     config: EnhanceConfig
     tags: dict = field(default_factory=dict)
+    resumed_cells: int = 0  # resumable runs (--scheduler/--workers): output cells found done in the partial store
+    skipped_tiles: int = 0  # ... and the tiles not recomputed because every cell they feed was done
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -418,6 +420,10 @@ def enhance_scene(src, dst, config: EnhanceConfig | None = None, *, progress: Pr
 
     config = config or EnhanceConfig()
     src, dst = Path(src), Path(dst)
+    if config.scheduler is not None or config.workers is not None:  # dask (threads or a cluster), resumable
+        from .cluster import enhance_resumable
+
+        return enhance_resumable(src, dst, config, progress=progress, should_stop=should_stop)
     t_start = time.perf_counter()
     check_output_path(src, dst, overwrite=config.overwrite)
     # GDAL's block cache would otherwise keep read and written blocks (up to 5% of RAM): bound it for the run
