@@ -35,7 +35,8 @@ import numpy as np
 from .config import EnhanceConfig
 from .io.read import Scene
 from .models.base import SRModel
-from .scene import TileResult, TileRun, blend_cell, enhance_tile, finish_cell, output_tags, prepare_run
+from .scene import (TileResult, TileRun, blend_cell, enhance_tile, finish_cell, output_tags, prepare_run,
+                    scene_overview)
 from .tiling import TileGrid, output_transform
 
 log = logging.getLogger(__name__)

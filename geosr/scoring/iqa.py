@@ -253,8 +253,8 @@ def _build(name: str, allow_downloads: bool):
                 m = pyiqa.create_metric(metric, device="cpu", **options)
             except Exception as err:
                 if type(err).__name__ == "LocalEntryNotFoundError":  # huggingface_hub offline, file not cached
-                    raise MissingWeights(f"weights not present: its backbone is not in the Hugging Face cache; "
-                                         f"run with --iqa-download on a machine with internet") from err
+                    raise MissingWeights("weights not present: its backbone is not in the Hugging Face cache; "
+                                         "run with --iqa-download on a machine with internet") from err
                 raise
     m.eval()
     return m
