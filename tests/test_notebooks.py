@@ -40,7 +40,8 @@ def test_notebook_runs(path, data, tmp_path):
     spec = KernelSpecManager().get_kernel_spec(NATIVE_KERNEL_NAME)
     assert Path(spec.argv[0]).resolve() == Path(sys.executable).resolve() or spec.argv[0] == "python", spec.argv
     nb = nbformat.read(path, as_version=4)
-    env = dict(os.environ, GEOSR_DATA=str(data), MPLBACKEND="Agg", PYTHONWARNINGS="ignore")
+    # absolute: the kernel runs from notebooks/, and `make test` passes GEOSR_DATA as ../shared/data
+    env = dict(os.environ, GEOSR_DATA=str(Path(data).resolve()), MPLBACKEND="Agg", PYTHONWARNINGS="ignore")
     client = nbclient.NotebookClient(nb, timeout=900, kernel_name=NATIVE_KERNEL_NAME,
                                      resources={"metadata": {"path": str(path.parent)}})
     old = dict(os.environ)

@@ -45,8 +45,13 @@ def test_score_writes_json_html_and_map_on_the_sr_grid(run_cli, trio, tmp_path):
     assert f"wrote {out_map}" in lines and f"wrote {out_json}" in lines and f"wrote {out_html}" in lines
     # the library gives the same numbers as the command
     again = score_scene(sr, lr, reference=hr, config=ScoreConfig(lpips=False)).report
-    for key in ("full_reference", "faithfulness", "semantic"):
+    for key in ("faithfulness", "semantic"):
         assert report[key] == again[key]
+    # pyiqa's torch reductions may round the last bit differently with another thread count (CLI vs this process)
+    fr, fr_again = report["full_reference"], again["full_reference"]
+    assert fr.keys() == fr_again.keys()
+    for k, v in fr.items():
+        assert v == (pytest.approx(fr_again[k], rel=1e-9) if isinstance(v, float) else fr_again[k]), k
     assert report["settings"] == ScoreConfig(lpips=False).to_dict()
     assert report["inputs"]["scale"] == 4 and report["inputs"]["crs"] == "EPSG:2056"
     assert 20 < report["full_reference"]["psnr_y"] < 40 and 0 < report["full_reference"]["ssim_y"] < 1
