@@ -78,7 +78,7 @@ def connect(config: EnhanceConfig):
             t0 = time.monotonic()
             try:
                 client = Client(config.scheduler, timeout=CONNECT_TIMEOUT)
-            except (OSError, TimeoutError) as err:
+            except (OSError, TimeoutError):
                 raise BackendError(f"--scheduler {config.scheduler}: no dask scheduler answered within "
                                    f"{time.monotonic() - t0:.0f} s; start one (dask scheduler) or check the "
                                    "address") from None

@@ -132,11 +132,6 @@ def _run_model(model: SRModel, x: np.ndarray, groups, scale: int) -> np.ndarray:
     return out
 
 
-def _read_tile(scene: Scene, tile: Tile, edge: str) -> tuple[np.ndarray, np.ndarray]:
-    """The tile, scaled to the model's range, nodata filled; and its validity mask ``(h, w)``."""
-    return _scaled(scene, scene.read(*tile.source(scene.height, scene.width, edge)))
-
-
 def _scaled(scene: Scene, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Raw pixels -> the model's range with nodata filled by the band's scene mean; and the validity mask."""
     valid = scene.valid_mask(raw)
