@@ -33,6 +33,9 @@ def _add_tiling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodata", type=float, default=None, help="nodata value (default: the file's)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda", "auto"], help="where the model runs")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: all cores)")
+    p.add_argument("--consistency", type=float, default=None, metavar="S",
+                   help="LR-consistency projection, 0-1: 1 makes the output downscale exactly to the input (nothing "
+                        "the input contradicts), 0 leaves the network's output as it is (default: the model's)")
 
 
 def _add_diffusion(p: argparse.ArgumentParser) -> None:
@@ -45,6 +48,9 @@ def _add_diffusion(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", dest="temperatures", default=None, metavar="NAME=T,...",
                    help="per-modality attention temperature, e.g. depth=0.5,edges=2 (1 neutral; lower = stronger)")
     g.add_argument("--seed", type=int, default=None, help="noise seed (default 0)")
+    g.add_argument("--strength", type=float, default=None, metavar="S",
+                   help="share of the noise schedule sampled, (0, 1]: lower starts from the noised stage-1 image and "
+                        "keeps closer to it (default 1)")
     g.add_argument("--samsr-noise", dest="samsr_noise", type=float, default=None, metavar="A",
                    help="SAMSR: weight of noise shared within land-cover segments (default 0: off)")
     g.add_argument("--samsr-strength", dest="samsr_strength", default=None, metavar="CLASS=S,...",

@@ -55,6 +55,9 @@ class EnhanceConfig:
     overwrite: bool = False  # replace an existing output
     device: str = "cpu"  # cpu, cuda or auto
     threads: int | None = None  # torch threads (per worker with a cluster); None: all cores (shared by a host's workers)
+    # LR-consistency projection strength in [0, 1] (geosr.models.consistency): 1 makes each tile's output downscale
+    # exactly to its input; None: the model's own default (0 for the third-party anchors)
+    consistency: float | None = None
     # diffusion models (mmsr) only; other models ignore these
     checkpoint: str | None = None  # MMSR checkpoint folder (from `geosr train`) or Hugging Face id owner/name
     steps: int = 4  # denoising steps (DDIM, trailing spacing: few steps work)
@@ -62,6 +65,9 @@ class EnhanceConfig:
     guidance_mode: str = "m-cfg"  # cfg | m0-cfg | m-cfg: what the negative branch keeps (see the pipeline)
     temperatures: dict | str | None = None  # per-modality attention temperature, e.g. "depth=0.5,edges=2"; 1 neutral
     seed: int = 0  # noise seed (mixed with each tile's pixels, so results do not depend on tile order)
+    # share of the noise schedule that is sampled, (0, 1]: below 1 the sampler starts from the noised conditioning
+    # image (img2img), so a weak diffusion stays close to the stage-1 prior; None: 1 (from pure noise)
+    strength: float | None = None
     samsr_noise: float = 0.0  # SAMSR: weight of segment-shared noise (0: off); segments from the land-cover heuristic
     samsr_strength: dict | str | None = None  # SAMSR: per-class sampling strength in (0, 1], e.g. "water=0.3,shadow=0.5"
     drop: str | None = None  # conditions replaced by their null inputs, e.g. "text,edges" (ablations); None: none

@@ -31,6 +31,7 @@ from .errors import ConfigError, GeosrError
 from .io.read import Scene, open_scene
 from .models import get_model
 from .models.base import SRModel
+from .models.consistency import project
 from .tiling import Tile, TileGrid, default_overlap, halo_for, output_transform, parse_edge
 
 log = logging.getLogger(__name__)
@@ -121,14 +122,18 @@ def _run_model(model: SRModel, x: np.ndarray, groups, scale: int) -> np.ndarray:
     from .models.resample import Replicate
 
     out = np.empty((x.shape[0], x.shape[1] * scale, x.shape[2] * scale), dtype=np.float32)
+    strength = getattr(model, "consistency", 0.0)
     for bands, mode in groups:
         if mode == "nearest":
             out[bands] = Replicate().upscale(x[bands], scale)
-        elif mode == "model":
+            continue
+        if mode == "model":
             out[bands] = model.upscale(x[bands], scale)
         else:
             rgb = np.repeat(x[bands], 3, axis=0) if model.channels == 3 else x[bands]
             out[bands] = model.upscale(rgb, scale).mean(axis=0, keepdims=True)
+        if strength:
+            out[bands] = project(out[bands], x[bands], strength)
     return out
 
 

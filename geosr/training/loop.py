@@ -85,6 +85,9 @@ class TrainConfig:
 
     model: MMSRConfig = field(default_factory=MMSRConfig)  # architecture (nested `model:` mapping)
     data: str | None = None  # folder of training images (recursive); None: <data_dir()>/train
+    # stored stage-1 pairs (geosr.training.stage1: HR, LR and the prior's output): the diffusion trains on them
+    # instead of fresh crops and degradations, so an expensive prior runs once per pair, not once per step
+    pairs: str | None = None
     crop: int | None = None  # HR crop side in px; None: model.tile * model.scale
     batch_size: int = 4  # HR crops per step
     steps: int = 1000  # diffusion training steps (stage 2)
@@ -130,6 +133,9 @@ class TrainConfig:
         if not m.modalities and (self.p_text_drop > 0 or self.p_uncond > 0):
             raise ConfigError("a model without spatial modalities cannot drop the caption (nothing left to attend "
                               "to): set p_text_drop and p_uncond to 0")
+        if self.pairs is not None and m.prior is None:
+            raise ConfigError("pairs: stored stage-1 pairs hold a prior's output: set model.prior to the model that "
+                              "made them (e.g. aerial-x4), so that inference conditions on the same image")
         if self.device not in DEVICES:
             raise ConfigError(f"device={self.device!r}: choose one of {', '.join(DEVICES)}")
         if self.mixed_precision not in PRECISIONS:
@@ -299,6 +305,11 @@ class Trainer:
                               "device (the data sampler is not sharded); launch it without accelerate launch")
         self.device = self.accelerator.device
         self.sampler = CropSampler(cfg.data_folder, crop=cfg.hr_crop, seed=cfg.seed, cache_mb=cfg.cache_mb)
+        self.pairs = None
+        if cfg.pairs is not None:
+            from .stage1 import PairSampler
+
+            self.pairs = PairSampler(cfg.pairs, crop=cfg.hr_crop, scale=cfg.model.scale, seed=cfg.seed)
         self.bundle: MMSRBundle = build_bundle(cfg.model, seed=cfg.seed, device=str(self.device))
         pipe = self.pipeline = self.bundle.pipeline
         if isinstance(pipe.text_encoder, nn.Module):
@@ -317,17 +328,22 @@ class Trainer:
 
     # -- data --------------------------------------------------------------------------------------------------
 
-    def next_crops(self) -> tuple[Tensor, Tensor]:
-        """HR crops ``(B, 3, H, W)`` and their degraded LR ``(B, 3, H/s, W/s)``, both on the training device."""
+    def next_crops(self) -> tuple[Tensor, ...]:
+        """HR crops ``(B, 3, H, W)`` and their degraded LR ``(B, 3, H/s, W/s)``, both on the training device; with
+        stored ``pairs``, also the stored prior output ``(B, 3, H, W)``."""
+        if self.pairs is not None:
+            return tuple(t.to(self.device) for t in self.pairs.sample(self.config.batch_size))
         hr = self.sampler.sample(self.config.batch_size)  # (B, 3, H, W) CPU
         lr = degrade_batch(hr, scale=self.config.model.scale, config=self.config.degradation, rng=self.degrade_rng)
         return hr.to(self.device), lr.to(self.device)
 
     @torch.no_grad()
-    def prepare(self, hr: Tensor, lr: Tensor) -> Batch:
-        """Target, conditioning image, caption states and modality codes, all from the HR/LR pair."""
+    def prepare(self, hr: Tensor, lr: Tensor, prior: Tensor | None = None) -> Batch:
+        """Target, conditioning image, caption states and modality codes, all from the HR/LR pair (and the stored
+        prior output, if given)."""
         pipe, bundle = self.pipeline, self.bundle
-        cond = bundle.condition_image(lr)  # (B, 3, H, W) in [0, 1]: bicubic LR, or the stage-1 prior's output
+        # (B, 3, H, W) in [0, 1]: bicubic LR, or the stage-1 prior's output
+        cond = bundle.condition_image(lr) if prior is None else prior.clamp(0, 1)
         maps, captions = bundle.conditions(hr)  # from HR in training (MMSR sec. 3)
         states, mask = pipe.encode_text(captions, device=self.device)  # (B, T, D), (B, T)
         codes = {m: None if c is None else c.to(self.device) for m, c in bundle.encode_maps(maps).items()}  # (B, g, g)
@@ -430,6 +446,7 @@ class Trainer:
         torch.save(self.optimizer.state_dict(), state_dir / "optimizer.pt")
         state = {"step": self.step_count, "seconds": self.seconds, "loss": self.last_loss,
                  "ema_updates": self.ema.updates, "sampler": self.sampler.state_dict(),
+                 "pairs": None if self.pairs is None else self.pairs.state_dict(),
                  "degradation": self.degrade_rng.bit_generator.state, "numpy": _json_state(np.random.get_state()),
                  "python": _json_state(random.getstate()), "config": self.config.to_dict()}
         (state_dir / "state.json").write_text(json.dumps(state, indent=1) + "\n")
@@ -484,6 +501,8 @@ class Trainer:
         self.step_count, self.seconds, self.ema.updates = state["step"], state["seconds"], state["ema_updates"]
         self.last_loss = state["loss"]
         self.sampler.load_state_dict(state["sampler"])
+        if self.pairs is not None and state.get("pairs") is not None:
+            self.pairs.load_state_dict(state["pairs"])
         self.degrade_rng.bit_generator.state = state["degradation"]
         kind, key, pos, has_gauss, gauss = state["numpy"]
         np.random.set_state((kind, np.array(key, dtype=np.uint32), pos, has_gauss, gauss))

@@ -117,7 +117,7 @@ class MMSRModel(SRModel):
         self.steps, self.guidance, self.guidance_mode = 4, 0.0, "m-cfg"
         self.temperatures: dict[str, float] = {}
         self.seed = 0
-        self.samsr_noise, self.samsr_strength = 0.0, {}
+        self.samsr_noise, self.samsr_strength, self.strength = 0.0, {}, 1.0
         self.drop: frozenset[str] = frozenset()  # conditions replaced by their null inputs (ablations)
         self.negative_prompt: str | None = None
         self.caption = ""
@@ -146,6 +146,7 @@ class MMSRModel(SRModel):
 
     def configure(self, config) -> None:
         """Take the run's MMSR settings (checkpoint, steps, guidance, temperatures, seed) from EnhanceConfig."""
+        super().configure(config)
         self.checkpoint = config.checkpoint if config.checkpoint is not None else (
             self.default_checkpoint if self.default_checkpoint is not None else embedded_checkpoint())
         self.steps = config.steps
@@ -155,6 +156,10 @@ class MMSRModel(SRModel):
         self.seed = config.seed
         self.samsr_noise = float(config.samsr_noise)
         self.samsr_strength = parse_strengths(config.samsr_strength)
+        strength = getattr(config, "strength", None)
+        self.strength = 1.0 if strength is None else float(strength)
+        if not 0.0 < self.strength <= 1.0:
+            raise ConfigError(f"--strength {strength}: give a share of the schedule in (0, 1] (1 = from pure noise)")
         self.drop = parse_drop(getattr(config, "drop", None))
         self.user_files = {k: str(v) for k in ("dsm", "landcover", "vectors") if (v := getattr(config, k, None))}
         if not (np.isfinite(self.samsr_noise) and self.samsr_noise >= 0):
@@ -293,6 +298,13 @@ class MMSRModel(SRModel):
                 seg = heuristic_segmentation(cond[0].cpu().numpy())  # (H', W')
             samsr = {"segmentation": torch.from_numpy(seg)[None].to(device), "samsr_noise": self.samsr_noise,
                      "samsr_strength": self.samsr_strength or None}
+        if self.strength < 1.0:  # img2img from the conditioning image, on top of any per-class strengths
+            from .pipeline import strength_map
+
+            H, W = cond.shape[-2:]
+            base = (strength_map(self.samsr_strength, samsr["segmentation"]) if self.samsr_strength
+                    else torch.ones((1, H, W), device=device))
+            samsr["samsr_strength"] = base * self.strength
         # 4. sample
         prompt = self.caption if pipe.text_encoder is not None else None
         negative = self.negative_prompt if (self.guidance > 0 and self.guidance_mode != "cfg"

@@ -1,0 +1,162 @@
+"""Stage-1 fusion: a small network trained by geosr that combines frozen expert upscalers per pixel.
+
+The two pretrained ×4 networks available offline fail in opposite ways on aerial imagery (``shared/BENCHMARK.md``):
+RRDN-GAN is faithful on clean inputs but sharpens noise and JPEG blocks; Real-ESRGAN x4plus handles damaged inputs
+but repaints and shifts tones. :class:`FusionNet` looks at the LR input and at both experts' outputs (plus
+bicubic) and predicts, for every output pixel, a convex combination of the three and a small correction::
+
+    out = Σ_k softmax(logits)_k · candidate_k + residual
+
+It works on the LR grid (the candidates are pixel-unshuffled ×4), so it is cheap next to the experts; its context
+is ±``blocks`` × 2 LR px. It is trained on ``data/train`` by :mod:`geosr.training.stage1`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import WeightsError
+from .base import SRModel
+
+log = logging.getLogger(__name__)
+
+EXPERTS = ("rrdn-gan", "realesrgan-x4plus")
+SCALE = 4
+
+
+class _Block(nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.a = nn.Conv2d(n, n, 3, padding=1)
+        self.b = nn.Conv2d(n, n, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.b(F.leaky_relu(self.a(x), 0.1))
+
+
+class FusionNet(nn.Module):
+    """``forward(lr (B,3,h,w), experts (B,3·len(EXPERTS),4h,4w))`` -> ``(B,3,4h,4w)``; all in [0, 1] scale."""
+
+    def __init__(self, features: int = 64, blocks: int = 6):
+        super().__init__()
+        k = len(EXPERTS) + 1  # + bicubic
+        self.k = k
+        s2 = SCALE * SCALE
+        self.inp = nn.Conv2d(3 + 3 * k * s2, features, 3, padding=1)
+        self.body = nn.Sequential(*[_Block(features) for _ in range(blocks)])
+        self.head = nn.Conv2d(features, (3 + k) * s2, 3, padding=1)
+        nn.init.zeros_(self.head.weight)  # starts as the plain mean of the candidates
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, lr: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = lr.shape
+        bic = F.interpolate(lr, scale_factor=SCALE, mode="bicubic", align_corners=False)
+        cands = torch.cat([experts, bic], 1)  # (B, 3k, H, W)
+        x = torch.cat([lr, F.pixel_unshuffle(cands, SCALE)], 1)
+        x = self.inp(x)
+        x = self.head(F.leaky_relu(self.body(x), 0.1))
+        x = F.pixel_shuffle(x, SCALE)  # (B, 3 + k, H, W)
+        weights = torch.softmax(x[:, 3:], 1)  # (B, k, H, W)
+        mixed = (cands.view(b, self.k, 3, h * SCALE, w * SCALE) * weights[:, :, None]).sum(1)
+        return mixed + x[:, :3]
+
+
+# ------------------------------------------------------------------------------------- the SRModel
+
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "checkpoints" / "aerial-fusion-x4.safetensors"  # committed
+
+
+class FusionSR(SRModel):
+    """geosr's trained stage 1: the experts run on the tile, :class:`FusionNet` combines them."""
+
+    name = "aerial-x4"
+    scales = (4,)
+    channels = 3
+    receptive_field = 64  # Real-ESRGAN's 48 input px plus the fusion network's own context
+    default_tile = 256
+    edge = "cut"
+    consistency = 0.0
+    description = ("geosr aerial x4 stage 1: RRDN-GAN and Real-ESRGAN x4plus fused per pixel by a network trained "
+                   "by geosr on data/train")
+
+    def __init__(self, *, device: str = "cpu", path: Path | None = None):
+        self.device = device
+        self.path = Path(path) if path is not None else WEIGHTS
+        self._net = None
+        self._experts = None
+        self._lock = threading.Lock()
+
+    def _expert_models(self) -> list[SRModel]:
+        from . import get_model
+
+        return [get_model(name, device=self.device) for name in EXPERTS]
+
+    def weights_present(self) -> bool:
+        return self.path.is_file() and all(m.weights_present() for m in self._expert_models())
+
+    def provenance(self) -> dict[str, str]:
+        if not self.path.is_file():
+            return {}
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return {"package": "geosr", "version": meta.get("geosr_version", ""), "registry": "committed with geosr "
+                "(trained here on data/train, see geosr/checkpoints/MODEL_CARD.md)",
+                "sha256": _sha256(self.path), "licence": "same as geosr",
+                "trained_steps": meta.get("trained_steps", ""),
+                "experts": ", ".join(EXPERTS) + " (weights: `geosr weights fetch`)"}
+
+    def prepare(self) -> None:
+        with self._lock:
+            if self._net is not None:
+                return
+            if not self.path.is_file():
+                raise WeightsError(f"model '{self.name}': its trained weights are missing at {self.path} (they are "
+                                   "committed with geosr; reinstall it)")
+            experts = self._expert_models()
+            for m in experts:
+                m.prepare()
+            from safetensors import safe_open
+            from safetensors.torch import load_file
+
+            with safe_open(str(self.path), framework="pt") as f:
+                arch = json.loads((f.metadata() or {}).get("net", "{}"))
+            net = FusionNet(**arch)
+            net.load_state_dict(load_file(str(self.path)))
+            net.eval().requires_grad_(False)
+            self._experts, self._net = experts, net
+            log.info("loaded %s from %s", self.name, self.path)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        state["_net"] = state["_experts"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _lock=threading.Lock())
+
+    def upscale(self, x: np.ndarray, scale: int) -> np.ndarray:
+        self.prepare()
+        # the experts' outputs as 8-bit values, as the network saw them in training
+        outs = [np.round(np.clip(m.upscale(x, scale), 0.0, 1.0) * 255.0) / 255.0 for m in self._experts]
+        with torch.inference_mode():
+            lr = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None]
+            ex = torch.from_numpy(np.concatenate(outs).astype(np.float32))[None]
+            return self._net(lr, ex)[0].numpy()
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -1,0 +1,259 @@
+"""Training the stage-1 fusion network (:class:`geosr.models.fusion.FusionNet`) on ``data/train``.
+
+Two steps, both seeded and resumable by file:
+
+1. :func:`make_pairs` cuts HR crops from the training corpus, degrades each with :func:`sample_degradation` and
+   runs the frozen experts (RRDN-GAN, Real-ESRGAN x4plus) on the LR once. The expert outputs are the expensive
+   part on a CPU, so they are stored (``pairs/NNNNN.npz``) and reused for every epoch.
+2. :func:`train_fusion` fits the fusion network on the stored pairs with L1 + LPIPS (AlexNet, v0.1) and saves
+   safetensors with its settings and the training record in the metadata.
+
+The degradations are a mixture: the benchmark's ``clean`` downscale, a one-round "light" family around what
+aerial and satellite products carry (mild optical blur, sensor noise of a few DN, JPEG at 50-95), and the
+second-order Real-ESRGAN-style pipeline of :mod:`geosr.training.degrade` for heavier damage. The validation
+scenes are never read (:func:`geosr.training.data.find_images` refuses them).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SCALE = 4
+
+
+@dataclass
+class Stage1Config:
+    data: str = "../shared/data/train"
+    pairs: int = 320  # stored (LR, experts, HR) pairs
+    crop: int = 192  # HR px (LR = crop / 4)
+    p_clean: float = 0.3
+    p_light: float = 0.5  # else second-order (geosr.training.degrade)
+    light_blur: tuple[float, float] = (0.3, 1.6)  # Gaussian sigma, HR px (PIL GaussianBlur radius)
+    light_noise: tuple[float, float] = (0.5, 6.0)  # Gaussian sigma, 8-bit units
+    light_jpeg: tuple[int, int] = (50, 95)
+    p_light_jpeg: float = 0.8
+    steps: int = 1500
+    batch: int = 8
+    train_crop: int = 128  # HR px of the random sub-crops of the stored pairs that a step trains on
+    lr: float = 5e-4
+    lpips_weight: float = 0.5
+    features: int = 64
+    blocks: int = 6
+    seed: int = 0
+
+
+def _pil_resize(a: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(a).resize((size, size), Image.BICUBIC))
+
+
+def sample_degradation(hr: np.ndarray, cfg: Stage1Config, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """HR ``(H, W, 3)`` uint8 -> (LR ``(H/4, W/4, 3)`` uint8, kind)."""
+    from PIL import Image, ImageFilter
+
+    size = hr.shape[0] // SCALE
+    u = rng.random()
+    if u < cfg.p_clean:
+        return _pil_resize(hr, size), "clean"
+    if u < cfg.p_clean + cfg.p_light:
+        sigma = rng.uniform(*cfg.light_blur)
+        blurred = np.asarray(Image.fromarray(hr).filter(ImageFilter.GaussianBlur(radius=float(sigma))))
+        lr = _pil_resize(blurred, size).astype(np.float64)
+        noise_sigma = rng.uniform(*cfg.light_noise)
+        shape = lr.shape[:2] + (1,) if rng.random() < 0.3 else lr.shape
+        lr = np.clip(np.round(lr + rng.normal(0.0, noise_sigma, shape)), 0, 255).astype(np.uint8)
+        if rng.random() < cfg.p_light_jpeg:
+            buf = io.BytesIO()
+            Image.fromarray(lr).save(buf, format="JPEG", quality=int(rng.integers(cfg.light_jpeg[0],
+                                                                                 cfg.light_jpeg[1] + 1)))
+            lr = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+        return lr, "light"
+    import torch
+
+    from .degrade import DegradationConfig, degrade, to_uint8
+
+    t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(hr, -1, 0), dtype=np.float32) / 255.0)
+    out = degrade(t, scale=SCALE, config=DegradationConfig(p_clean=0.0), rng=rng)
+    return to_uint8(out), "second-order"
+
+
+def make_pairs(out: str | Path, cfg: Stage1Config, progress=None) -> Path:
+    """Write ``cfg.pairs`` training pairs to ``out/pairs``; pairs already there are kept (resumable)."""
+    from ..models import get_model
+    from ..models.fusion import EXPERTS
+    from .data import CropSampler
+
+    folder = Path(out) / "pairs"
+    folder.mkdir(parents=True, exist_ok=True)
+    experts = [get_model(name) for name in EXPERTS]
+    for m in experts:
+        m.prepare()
+    sampler = CropSampler(cfg.data, crop=cfg.crop, seed=cfg.seed)
+    rng = np.random.default_rng(cfg.seed + 1)
+    for i in range(cfg.pairs):
+        hr = sampler.sample_uint8()  # drawn even when the pair exists, so the sequence does not depend on resumes
+        lr, kind = sample_degradation(hr, cfg, rng)
+        path = folder / f"{i:05d}.npz"
+        if not path.exists():
+            x = np.moveaxis(lr, -1, 0).astype(np.float32) / 255.0
+            outs = [np.clip(np.round(m.upscale(x, SCALE) * 255.0), 0, 255).astype(np.uint8) for m in experts]
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez(tmp, hr=hr, lr=lr, experts=np.stack(outs), kind=kind)
+            tmp.rename(path)
+        if progress:
+            progress(i + 1, cfg.pairs)
+    return folder
+
+
+def _load_pairs(folder: Path):
+    import torch
+
+    hr, lr, ex = [], [], []
+    for p in sorted(folder.glob("[0-9]*.npz")):
+        z = np.load(p)
+        hr.append(np.moveaxis(z["hr"], -1, 0))
+        lr.append(np.moveaxis(z["lr"], -1, 0))
+        ex.append(z["experts"].reshape(-1, *z["experts"].shape[2:]))
+    f = lambda a: torch.from_numpy(np.stack(a)).float() / 255.0  # noqa: E731
+    return f(hr), f(lr), f(ex)
+
+
+def train_fusion(out: str | Path, cfg: Stage1Config, progress=None) -> Path:
+    """Fit the fusion network on ``out/pairs``; writes ``out/fusion.safetensors`` and ``out/train_log.jsonl``."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .. import __version__
+    from ..config import weights_dir
+    from ..models.fusion import FusionNet
+    from ..scoring.lpips import FILENAME, LPIPS
+
+    out = Path(out)
+    torch.manual_seed(cfg.seed)
+    hr, lr, ex = _load_pairs(out / "pairs")
+    net = FusionNet(features=cfg.features, blocks=cfg.blocks)
+    lpips = LPIPS.from_file(weights_dir() / FILENAME) if cfg.lpips_weight > 0 else None
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
+    g = torch.Generator().manual_seed(cfg.seed)
+    n, crop = hr.shape[0], cfg.train_crop
+    t0 = time.perf_counter()
+    log_path = (out / "train_log.jsonl").open("w")
+    for step in range(1, cfg.steps + 1):
+        idx = torch.randint(0, n, (cfg.batch,), generator=g)
+        oy, ox = (torch.randint(0, (hr.shape[-1] - crop) // SCALE + 1, (2,), generator=g) * SCALE).tolist()
+        h = hr[idx, :, oy:oy + crop, ox:ox + crop]
+        e = ex[idx, :, oy:oy + crop, ox:ox + crop]
+        low = lr[idx, :, oy // SCALE:(oy + crop) // SCALE, ox // SCALE:(ox + crop) // SCALE]
+        pred = net(low, e)
+        l1 = (pred - h).abs().mean()
+        loss = l1
+        lp = torch.zeros(())
+        if lpips is not None:
+            lp = lpips(pred * 2 - 1, h * 2 - 1).mean()
+            loss = loss + cfg.lpips_weight * lp
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 25 == 0 or step == cfg.steps:
+            entry = {"step": step, "l1": float(l1.detach()), "lpips": float(lp.detach()), "seconds": time.perf_counter() - t0}
+            log_path.write(json.dumps(entry) + "\n")
+            log_path.flush()
+            log.info("stage-1 step %d/%d  l1 %.4f  lpips %.4f", step, cfg.steps, entry["l1"], entry["lpips"])
+        if progress:
+            progress(step, cfg.steps)
+    log_path.close()
+    meta = {"config": json.dumps(asdict(cfg)), "net": json.dumps({"features": cfg.features, "blocks": cfg.blocks}),
+            "trained_steps": str(cfg.steps), "pairs": str(n),
+            "geosr_version": __version__}
+    path = out / "fusion.safetensors"
+    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(path), metadata=meta)
+    return path
+
+
+def add_priors(out: str | Path, weights: str | Path) -> int:
+    """Store the trained fusion network's output next to each pair (``NNNNN.prior.npy``, float16), for training a
+    diffusion residual over it (``TrainConfig.pairs``). Returns the number of pairs."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from ..models.fusion import FusionNet
+
+    with safe_open(str(weights), framework="pt") as f:
+        arch = json.loads((f.metadata() or {}).get("net", "{}"))
+    net = FusionNet(**arch)
+    net.load_state_dict(load_file(str(weights)))
+    net.eval()
+    paths = sorted((Path(out) / "pairs").glob("[0-9]*[0-9].npz"))
+    for p in paths:
+        z = np.load(p)
+        lr = torch.from_numpy(np.moveaxis(z["lr"], -1, 0).astype(np.float32) / 255.0)[None]
+        ex = torch.from_numpy(z["experts"].reshape(-1, *z["experts"].shape[2:]).astype(np.float32) / 255.0)[None]
+        with torch.inference_mode():
+            prior = net(lr, ex)[0].clamp(0, 1).numpy().astype(np.float16)  # (3, H, W)
+        np.save(p.with_suffix(".prior.npy"), prior)
+    return len(paths)
+
+
+class PairSampler:
+    """Random aligned sub-crops of the stored pairs: ``sample(b)`` -> HR ``(b, 3, c, c)``, LR ``(b, 3, c/s, c/s)``
+    and prior ``(b, 3, c, c)``, float32 in [0, 1]; flips and 90-degree turns. Seeded; state can be saved."""
+
+    def __init__(self, folder: str | Path, *, crop: int, scale: int, seed: int = 0):
+        from ..errors import ConfigError
+
+        folder = Path(folder)
+        folder = folder / "pairs" if (folder / "pairs").is_dir() else folder
+        paths = sorted(p for p in folder.glob("[0-9]*[0-9].npz") if p.with_suffix(".prior.npy").is_file())
+        if not paths:
+            raise ConfigError(f"pairs: no pairs with stored priors in {folder}: run geosr.training.stage1's "
+                              "make_pairs, train_fusion and add_priors first")
+        hr, lr, prior = [], [], []
+        for p in paths:
+            z = np.load(p)
+            hr.append(np.moveaxis(z["hr"], -1, 0))
+            lr.append(np.moveaxis(z["lr"], -1, 0))
+            prior.append(np.load(p.with_suffix(".prior.npy")))
+        self.hr, self.lr, self.prior = np.stack(hr), np.stack(lr), np.stack(prior)
+        if crop % scale or crop > self.hr.shape[-1]:
+            raise ConfigError(f"pairs: crop {crop} must be a multiple of {scale} and at most {self.hr.shape[-1]}")
+        self.crop, self.scale = crop, scale
+        self.rng = np.random.default_rng([seed, 3])
+
+    def sample(self, batch: int):
+        import torch
+
+        c, s = self.crop, self.scale
+        out = []
+        for _ in range(batch):
+            i = int(self.rng.integers(len(self.hr)))
+            oy, ox = (int(v) * s for v in self.rng.integers(0, (self.hr.shape[-1] - c) // s + 1, 2))
+            h = self.hr[i, :, oy:oy + c, ox:ox + c].astype(np.float32) / 255.0
+            low = self.lr[i, :, oy // s:(oy + c) // s, ox // s:(ox + c) // s].astype(np.float32) / 255.0
+            pr = self.prior[i, :, oy:oy + c, ox:ox + c].astype(np.float32)
+            k, flip = int(self.rng.integers(4)), bool(self.rng.random() < 0.5)
+            views = []
+            for a in (h, low, pr):
+                a = a[:, :, ::-1] if flip else a
+                views.append(np.ascontiguousarray(np.rot90(a, k, axes=(1, 2))))
+            out.append(views)
+        return tuple(torch.from_numpy(np.stack([v[j] for v in out])) for j in range(3))
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]

@@ -1,0 +1,53 @@
+"""LR-consistency projection (geosr.models.consistency) and its use by the engine (EnhanceConfig.consistency)."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from geosr.bench import lr_consistency
+from geosr.config import EnhanceConfig
+from geosr.errors import ConfigError
+from geosr.models.consistency import downscale, project, resample_matrix
+from geosr.scene import enhance_array
+
+
+@pytest.mark.parametrize("size_in,size_out", [((64, 48), (16, 12)), ((37, 53), (9, 13)), ((10, 7), (40, 28))])
+def test_resample_matrix_is_pils_bicubic(size_in, size_out):
+    x = np.random.default_rng(0).uniform(0, 255, size_in).astype(np.float32)
+    ref = np.asarray(Image.fromarray(x, mode="F").resize(size_out[::-1], Image.BICUBIC))
+    ours = downscale(x[None], size_out)[0]
+    assert ours.shape == ref.shape
+    assert np.abs(ours - ref).max() < 1e-3
+    assert np.allclose(resample_matrix(size_in[0], size_out[0]).sum(axis=1), 1.0)
+
+
+def test_projection_makes_the_output_agree_with_its_input():
+    rng = np.random.default_rng(1)
+    lr = rng.uniform(0, 1, (3, 16, 20)).astype(np.float32)
+    sr = rng.uniform(0, 1, (3, 64, 80)).astype(np.float32)  # unrelated to lr
+    before = np.abs(downscale(sr, (16, 20)) - lr).max()
+    full = project(sr, lr, 1.0)
+    half = project(sr, lr, 0.5)
+    assert full.dtype == np.float32 and full.shape == sr.shape
+    assert np.abs(downscale(full, (16, 20)) - lr).max() < 1e-4 < before
+    # half strength removes half of the disagreement (the operator is linear)
+    assert np.allclose(downscale(half, (16, 20)) - lr, 0.5 * (downscale(sr, (16, 20)) - lr), atol=1e-4)
+    assert project(sr, lr, 0.0) is sr
+    # what the downscale cannot see (its null space) is left alone: projecting twice changes nothing more
+    assert np.abs(project(full, lr, 1.0) - full).max() < 1e-4
+    with pytest.raises(ValueError):
+        project(sr, lr, 1.5)
+
+
+def test_engine_applies_consistency_per_tile():
+    rng = np.random.default_rng(2)
+    lr = np.clip(rng.normal(128, 40, (3, 40, 40)), 0, 255).astype(np.uint8)
+    plain = enhance_array(lr, EnhanceConfig(model="nearest", scale=4))
+    projected = enhance_array(lr, EnhanceConfig(model="nearest", scale=4, consistency=1.0, tile=24, overlap=8))
+    hwc = lambda a: np.moveaxis(a, 0, -1)  # noqa: E731
+    assert lr_consistency(hwc(projected), hwc(lr)) > lr_consistency(hwc(plain), hwc(lr)) + 10
+    assert projected.dtype == np.uint8 and projected.shape == plain.shape
+    again = enhance_array(lr, EnhanceConfig(model="nearest", scale=4, consistency=0.0))
+    assert np.array_equal(again, plain)  # strength 0: the model's output as it was
+    with pytest.raises(ConfigError):
+        enhance_array(lr, EnhanceConfig(model="nearest", scale=4, consistency=2.0))

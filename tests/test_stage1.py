@@ -1,0 +1,95 @@
+"""geosr's trained stage 1 (geosr.models.fusion, geosr.training.stage1) and diffusion training on stored pairs."""
+
+import numpy as np
+import pytest
+import torch
+
+from geosr.config import data_dir
+from geosr.models import get_model
+from geosr.models.fusion import EXPERTS, WEIGHTS, FusionNet, FusionSR
+
+TRAIN = data_dir() / "train"
+experts_present = all(get_model(name).weights_present() for name in EXPERTS)
+needs_experts = pytest.mark.skipif(not experts_present, reason="expert weights missing: run `geosr weights fetch`")
+needs_train = pytest.mark.skipif(not TRAIN.is_dir(), reason=f"training data not found at {TRAIN} (GEOSR_DATA)")
+
+
+def test_fusion_net_starts_as_the_mean_of_its_candidates():
+    torch.manual_seed(0)
+    net = FusionNet(features=8, blocks=1)
+    lr = torch.rand(2, 3, 6, 5)
+    experts = torch.rand(2, 3 * len(EXPERTS), 24, 20)
+    bic = torch.nn.functional.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False)
+    cands = torch.cat([experts, bic], 1).view(2, len(EXPERTS) + 1, 3, 24, 20)
+    out = net(lr, experts)
+    assert out.shape == (2, 3, 24, 20)
+    assert torch.allclose(out, cands.mean(1), atol=1e-6)  # zero-initialised head: equal weights, no correction
+
+
+@needs_experts
+@needs_train
+def test_pairs_training_priors_and_the_model(tmp_path):
+    from geosr.training.stage1 import PairSampler, Stage1Config, add_priors, make_pairs, train_fusion
+
+    cfg = Stage1Config(data=str(TRAIN), pairs=3, crop=64, steps=4, batch=2, train_crop=32, features=8, blocks=1)
+    folder = make_pairs(tmp_path, cfg)
+    files = sorted(folder.glob("*.npz"))
+    assert len(files) == 3
+    z = np.load(files[0])
+    assert z["hr"].shape == (64, 64, 3) and z["lr"].shape == (16, 16, 3)
+    assert z["experts"].shape == (len(EXPERTS), 3, 64, 64) and z["experts"].dtype == np.uint8
+    stamps = [f.stat().st_mtime_ns for f in files]
+    make_pairs(tmp_path, cfg)  # resumable: existing pairs are kept as they are
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+
+    weights = train_fusion(tmp_path, cfg)
+    lines = (tmp_path / "train_log.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and '"step": 4' in lines[0]
+    model = FusionSR(path=weights)
+    assert model.provenance()["trained_steps"] == "4"
+    lr = z["lr"].transpose(2, 0, 1).astype(np.float32) / 255
+    out = model.upscale(lr, 4)
+    assert out.shape == (3, 64, 64) and np.isfinite(out).all()
+
+    assert add_priors(tmp_path, weights) == 3
+    prior = np.load(files[0].with_suffix(".prior.npy"))
+    assert prior.shape == (3, 64, 64) and prior.dtype == np.float16
+    # the stored prior is what the model gives on the pair's LR (up to float16 and the 8-bit experts)
+    assert np.abs(prior.astype(np.float32) - np.clip(out, 0, 1)).max() < 0.02
+
+    sampler = PairSampler(tmp_path, crop=32, scale=4, seed=1)
+    hr, low, pr = sampler.sample(2)
+    assert hr.shape == (2, 3, 32, 32) and low.shape == (2, 3, 8, 8) and pr.shape == (2, 3, 32, 32)
+    state = sampler.state_dict()
+    again = sampler.sample(2)
+    sampler.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(again, sampler.sample(2)))
+
+
+@pytest.mark.skipif(not (experts_present and WEIGHTS.is_file()), reason="committed stage-1 weights or experts missing")
+def test_diffusion_trains_on_stored_pairs(tmp_path):
+    from test_training import tiny_config
+
+    from geosr.errors import ConfigError
+    from geosr.training.loop import Trainer
+    from geosr.training.stage1 import PairSampler
+
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        hr = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        np.savez(pairs / f"{i:05d}.npz", hr=hr, lr=hr[::4, ::4], experts=np.zeros((2, 3, 64, 64), np.uint8),
+                 kind="clean")
+        np.save(pairs / f"{i:05d}.prior.npy", np.full((3, 64, 64), 0.5, np.float16))
+    with pytest.raises(ConfigError, match="model.prior"):
+        tiny_config(tmp_path / "run", pairs=str(tmp_path))
+    model = dict(tiny_config(tmp_path / "x").model.to_dict(), prior="aerial-x4")
+    trainer = Trainer(tiny_config(tmp_path / "run", pairs=str(tmp_path), model=model))
+    batch = trainer.next_crops()
+    assert len(batch) == 3 and batch[2].shape == batch[0].shape
+    assert torch.all(batch[2] == 0.5)  # the stored prior, not the stage-1 model run again
+    prepared = trainer.prepare(*batch)
+    loss = trainer.step(prepared)
+    assert np.isfinite(loss)
+    assert isinstance(trainer.pairs, PairSampler)
