@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--degradations", default="clean,real", help="clean, real or both")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
+    p.add_argument("--consistency", type=float, default=None, metavar="S",
+                   help="LR-consistency projection strength for every method (default: each model's own)")
     _add_diffusion(p)
 
     p = sub.add_parser("score", help="how good and how honest an SR output is: metrics, maps, reports")

@@ -128,8 +128,11 @@ def _load_pairs(folder: Path):
     return f(hr), f(lr), f(ex)
 
 
-def train_fusion(out: str | Path, cfg: Stage1Config, progress=None) -> Path:
-    """Fit the fusion network on ``out/pairs``; writes ``out/fusion.safetensors`` and ``out/train_log.jsonl``."""
+def train_fusion(out: str | Path, cfg: Stage1Config, progress=None, init: str | Path | None = None) -> Path:
+    """Fit the fusion network on ``out/pairs``; writes ``out/fusion.safetensors`` and ``out/train_log.jsonl``.
+
+    ``init``: start from these weights (a file written by this function) and add ``cfg.steps`` steps to its
+    record; the training log is appended to."""
     import torch
     from safetensors.torch import save_file
 
@@ -142,13 +145,21 @@ def train_fusion(out: str | Path, cfg: Stage1Config, progress=None) -> Path:
     torch.manual_seed(cfg.seed)
     hr, lr, ex = _load_pairs(out / "pairs")
     net = FusionNet(features=cfg.features, blocks=cfg.blocks)
+    done = 0
+    if init is not None:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        net.load_state_dict(load_file(str(init)))
+        with safe_open(str(init), framework="pt") as f:
+            done = int((f.metadata() or {}).get("trained_steps", "0"))
     lpips = LPIPS.from_file(weights_dir() / FILENAME) if cfg.lpips_weight > 0 else None
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
     g = torch.Generator().manual_seed(cfg.seed)
     n, crop = hr.shape[0], cfg.train_crop
     t0 = time.perf_counter()
-    log_path = (out / "train_log.jsonl").open("w")
+    log_path = (out / "train_log.jsonl").open("a" if init is not None else "w")
     for step in range(1, cfg.steps + 1):
         idx = torch.randint(0, n, (cfg.batch,), generator=g)
         oy, ox = (torch.randint(0, (hr.shape[-1] - crop) // SCALE + 1, (2,), generator=g) * SCALE).tolist()
@@ -168,7 +179,8 @@ def train_fusion(out: str | Path, cfg: Stage1Config, progress=None) -> Path:
         opt.step()
         sched.step()
         if step % 25 == 0 or step == cfg.steps:
-            entry = {"step": step, "l1": float(l1.detach()), "lpips": float(lp.detach()), "seconds": time.perf_counter() - t0}
+            entry = {"step": done + step, "l1": float(l1.detach()), "lpips": float(lp.detach()),
+                     "seconds": time.perf_counter() - t0}
             log_path.write(json.dumps(entry) + "\n")
             log_path.flush()
             log.info("stage-1 step %d/%d  l1 %.4f  lpips %.4f", step, cfg.steps, entry["l1"], entry["lpips"])
@@ -176,7 +188,7 @@ def train_fusion(out: str | Path, cfg: Stage1Config, progress=None) -> Path:
             progress(step, cfg.steps)
     log_path.close()
     meta = {"config": json.dumps(asdict(cfg)), "net": json.dumps({"features": cfg.features, "blocks": cfg.blocks}),
-            "trained_steps": str(cfg.steps), "pairs": str(n),
+            "trained_steps": str(done + cfg.steps), "pairs": str(n),
             "geosr_version": __version__}
     path = out / "fusion.safetensors"
     save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(path), metadata=meta)
