@@ -41,6 +41,9 @@ def check_settings(config: EnhanceConfig) -> None:
                           "(--workers starts a local cluster, --scheduler uses an existing one)")
     if config.workers is not None and int(config.workers) < 1:
         raise ConfigError(f"--workers {config.workers}: must be at least 1")
+    if not config.resume:
+        raise ConfigError("--no-resume: --scheduler and --workers always collect cells in the partial store; "
+                          "drop one of them")
     s = config.scheduler
     if s is not None and s != "threads" and "://" not in s:
         raise ConfigError(f"--scheduler {s}: give 'threads' (local) or a dask scheduler address like "
@@ -151,10 +154,11 @@ def enhance_resumable(src: Path, dst: Path, config: EnhanceConfig, *,
     from dask import delayed
 
     from .io.read import open_scene
-    from .io.write import BlockWriter, atomic_output, check_output_path, set_band_metadata, tagged_profile
+    from .io.write import (BlockWriter, atomic_output, check_output_path, remove_stale_partials, set_band_metadata,
+                           tagged_profile)
     from .lazy import enhance_lazy
     from .scene import GDAL_CACHE_MB, Cancelled, EnhanceResult
-    from .store import PartialStore, run_settings
+    from .store import PartialStore, log_start, needed_tiles, run_settings, store_path
 
     t_start = time.perf_counter()
     check_settings(config)
@@ -171,17 +175,16 @@ def enhance_resumable(src: Path, dst: Path, config: EnhanceConfig, *,
         out_h, out_w = grid.out_shape
         settings = run_settings(src, config, lazy.run.model, out_shape=(out_h, out_w), count=scene.count,
                                 dtype=scene.dtype, cells=(len(rows), len(cols)))
+        existed = store_path(dst).exists()
         store = PartialStore.open(dst, settings, restart=config.restart)
+        if existed:  # an earlier run of this output died: drop a temporary GeoTIFF its final pass left
+            remove_stale_partials(dst)
         done = store.done()
         todo = [(p, q) for p in range(len(rows)) for q in range(len(cols)) if (p, q) not in done]
         total = len(rows) * len(cols)
-        needed = {(r, c) for p, q in todo for r in rows[p][2] for c in cols[q][2]}
+        needed = needed_tiles(grid, done)
         skipped_tiles = len(grid) - len(needed)
-        if done:
-            log.info("resuming %s: %d of %d output cells already done, skipped; %d of %d tiles skipped, "
-                     "%d to compute", store.path, len(done), total, skipped_tiles, len(grid), len(needed))
-        else:
-            log.info("partial store %s: %d output cells from %d tiles", store.path, total, len(grid))
+        log_start(store, done=len(done), cells=total, tiles=len(grid), needed=len(needed))
         if progress is not None:
             progress(len(done), total, f"resumed: {len(done)} cells done" if done else "starting")
 

@@ -55,7 +55,7 @@ def synthetic(tmp_path_factory):
 
 def _cells(dst: Path) -> int:
     cells = store_path(dst) / "cells"
-    return sum(1 for n in os.listdir(cells) if n.endswith(".npy")) if cells.is_dir() else 0
+    return sum(1 for n in os.listdir(cells) if n.endswith(".npy.gz")) if cells.is_dir() else 0
 
 
 def _cli(*args) -> list[str]:
@@ -254,7 +254,7 @@ def test_store_fingerprint_and_atomic_cells(synthetic, tmp_path):
     (store.cells_dir / "0_2.npy.tmp-123-abcd").write_bytes(b"half a cell")  # a writer killed mid-write
     assert store.done() == {(0, 1)}
     assert PartialStore.open(dst, base).done() == {(0, 1)}  # reopened: resumed, temporary file cleaned
-    assert sorted(os.listdir(store.cells_dir)) == ["0_1.npy"]
+    assert sorted(os.listdir(store.cells_dir)) == ["0_1.npy.gz"]
     assert store.read_cell(0, 1, (3, 4, 5), "uint8").tobytes() == block.tobytes()
     with pytest.raises(Exception, match="expected uint8 \\(3, 4, 6\\)"):
         store.read_cell(0, 1, (3, 4, 6), "uint8")
