@@ -12,13 +12,13 @@ Layout (a folder next to the output, removed when the GeoTIFF is complete)::
 
 Why cells and not a regular chunk grid (Zarr): the lazy graph's output chunks *are* the cells (a tile body, an
 overlap strip or corner; irregular sizes), and each is produced by exactly one task. One file per cell keeps
-resume logic trivial: a cell is done iff its file exists.
+resume logic trivial: a cell is done iff its file exists. A cell is written to a unique temporary name in the
+same folder and renamed into place (``os.replace``, atomic on POSIX filesystems), so a process killed mid-write
+leaves at most a ``*.tmp-*`` file that is never mistaken for a finished cell (and is cleaned up on the next run).
 
 Two engines write it: the dask one (:mod:`geosr.cluster`, ``scheduler``/``workers``), and the default in-process
 stream (:func:`geosr.scene.enhance_scene`), which writes each finished cell here as well as into the GeoTIFF. Both
-number cells the same way and share the fingerprint, so either resumes the other's store. A cell is written to a unique temporary name in the
-same folder and renamed into place (``os.replace``, atomic on POSIX filesystems), so a process killed mid-write
-leaves at most a ``*.tmp-*`` file that is never mistaken for a finished cell (and is cleaned up on the next run).
+number cells the same way and share the fingerprint, so either resumes the other's store.
 
 The fingerprint guards against mixing runs: it hashes the input (resolved path, size, mtime), every setting
 that changes pixels, the model name and its weights' sha256, the output grid and the geosr version. A rerun whose
