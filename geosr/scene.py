@@ -461,31 +461,32 @@ def enhance_scene(src, dst, config: EnhanceConfig | None = None, *, progress: Pr
                                  transform=transform, nodata=scene.nodata)
         log.info("enhancing %s (%dx%d, %d bands) x%d with %s in %d tiles", src, scene.width, scene.height,
                  scene.count, config.scale, model.name, len(grid))
-        store, done, done_at, needed = None, set(), set(), len(grid)
-        if config.resume:
-            from .store import PartialStore, log_start, needed_tiles, run_settings, store_path
+        store, cells, done, done_at, needed = None, None, set(), set(), len(grid)
+        try:  # from here on the store (once open) is removed or kept as the run ends (see above)
+            if config.resume:
+                from .store import CellWriter, PartialStore, log_start, needed_tiles, run_settings, store_path
 
-            rows, cols = grid.rows.segments, grid.cols.segments
-            settings = run_settings(src, config, model, out_shape=(out_h, out_w), count=scene.count,
-                                    dtype=scene.dtype, cells=(len(rows), len(cols)))
-            existed = store_path(dst).exists()
-            store = PartialStore.open(dst, settings, restart=config.restart)
-            if existed:  # an earlier run of this output died: drop the temporary GeoTIFF it left
-                remove_stale_partials(dst)
-            done = store.done()
-            needed = len(needed_tiles(grid, done))
-            log_start(store, done=len(done), cells=len(rows) * len(cols), tiles=len(grid), needed=needed)
-            cell_of = {(ya, xa): (p, q) for p, (ya, _, _) in enumerate(rows) for q, (xa, _, _) in enumerate(cols)}
-            done_at = {(rows[p][0], cols[q][0]) for p, q in done}
-        try:
+                rows, cols = grid.rows.segments, grid.cols.segments
+                settings = run_settings(src, config, model, out_shape=(out_h, out_w), count=scene.count,
+                                        dtype=scene.dtype, cells=(len(rows), len(cols)))
+                existed = store_path(dst).exists()
+                store = PartialStore.open(dst, settings, restart=config.restart)
+                if existed:  # an earlier run of this output died: drop the temporary GeoTIFF it left
+                    remove_stale_partials(dst)
+                done = store.done()
+                needed = len(needed_tiles(grid, done))
+                log_start(store, done=len(done), cells=len(rows) * len(cols), tiles=len(grid), needed=needed)
+                cell_of = {(ya, xa): (p, q) for p, (ya, _, _) in enumerate(rows) for q, (xa, _, _) in enumerate(cols)}
+                done_at = {(rows[p][0], cols[q][0]) for p, q in done}
+                cells = CellWriter(store)  # compresses and writes cells beside the model
             with atomic_output(dst, overwrite=config.overwrite, cog=config.cog) as tmp:
                 with rasterio.open(tmp, "w", **profile) as ds:
                     set_band_metadata(ds, descriptions=scene.descriptions, colorinterp=scene.colorinterp, tags=tags)
                     writer = BlockWriter(ds, dtype=scene.dtype)
 
-                    def put(y0, x0, block):  # a finished cell: into the store first, then the GeoTIFF
-                        if store is not None and (y0, x0) not in done_at:
-                            store.write_cell(*cell_of[(y0, x0)], block)
+                    def put(y0, x0, block):  # a finished cell (a new array): to the store and the GeoTIFF
+                        if cells is not None and (y0, x0) not in done_at:
+                            cells.put(*cell_of[(y0, x0)], block)
                         writer.put(y0, x0, block)
 
                     def stored(y0, y1, x0, x1):  # a cell an earlier run finished
@@ -495,11 +496,17 @@ def enhance_scene(src, dst, config: EnhanceConfig | None = None, *, progress: Pr
                                               should_stop=should_stop, done=done_at, stored=stored)
                     if writer.pending:
                         raise RuntimeError("output blocks left unwritten")
+                    if cells is not None:
+                        cells.close()  # every cell in place (or its write error raised) before the rename
         except (GeosrError, KeyboardInterrupt):  # stopped on purpose or a diagnosed error: leave nothing
+            if cells is not None:
+                cells.abort()
             if store is not None:
                 store.remove()
             raise
         except BaseException:
+            if cells is not None:
+                cells.abort()
             if store is not None:
                 kept = store.count()
                 if kept:

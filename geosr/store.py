@@ -213,6 +213,62 @@ class PartialStore:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+class CellWriter:
+    """Writes cells into a store on a background thread, so that compressing and syncing them overlaps the model
+    (zlib and file I/O release the GIL). At most ``depth`` cells wait (memory stays bounded); blocks handed over
+    must not change afterwards. A write error is raised in the caller: at its next :meth:`put`, or at
+    :meth:`close`, which returns once every queued cell is in place. :meth:`abort` drops what waits, never raises.
+    """
+
+    def __init__(self, store: PartialStore, depth: int = 2):
+        import queue
+        import threading
+
+        self.store = store
+        self._queue: "queue.Queue" = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._drop = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="geosr-store", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None or self._drop:  # after an error or an abort: drain, write nothing
+                continue
+            try:
+                self.store.write_cell(*item)
+            except BaseException as err:  # noqa: BLE001  (handed to the caller's thread)
+                self._error = err
+
+    def _raise(self) -> None:
+        err, self._error = self._error, None
+        if err is not None:
+            self._drop = True
+            raise err
+
+    def put(self, p: int, q: int, block: np.ndarray) -> None:
+        self._raise()
+        self._queue.put((p, q, block))
+
+    def _stop(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            self._thread.join()
+
+    def close(self) -> None:
+        self._stop()
+        self._raise()
+
+    def abort(self) -> None:
+        self._drop = True
+        self._stop()
+
+
 def needed_tiles(grid, done: set[tuple[int, int]]) -> set[tuple[int, int]]:
     """The tiles ``(row, col)`` that the cells ``(p, q)`` not in ``done`` need (every tile when none is done)."""
     rows, cols = grid.rows.segments, grid.cols.segments

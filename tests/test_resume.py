@@ -160,6 +160,22 @@ def test_stop_and_diagnosed_errors_leave_nothing(synthetic, tmp_path, monkeypatc
     with pytest.raises(OutputError, match="No space left"):
         enhance_scene(src, dst, EnhanceConfig(**SYN))
     assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(scene_mod, "_run_model", real)
+
+    # the disk fills while the store's background thread writes a cell: the same one-line error, nothing left
+    real_write = PartialStore.write_cell
+    writes = {"n": 0}
+
+    def store_full(self, p, q, block):
+        writes["n"] += 1
+        if writes["n"] == 50:
+            raise OSError(28, "No space left on device")
+        return real_write(self, p, q, block)
+
+    monkeypatch.setattr(PartialStore, "write_cell", store_full)
+    with pytest.raises(OutputError, match=r"out.tif: write failed \(No space left on device\)"):
+        enhance_scene(src, dst, EnhanceConfig(**SYN))
+    assert writes["n"] >= 50 and list(tmp_path.iterdir()) == []
 
 
 def test_no_resume_writes_no_store(synthetic, tmp_path):
