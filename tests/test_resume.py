@@ -242,3 +242,26 @@ def test_store_cells_round_trip_compressed(tmp_path, dtype):
     store.cell_path(0, 0).write_bytes(b"not gzip")  # a damaged cell: one line with the way out
     with pytest.raises(OutputError, match=r"0_0.npy.gz: unreadable cell of the partial store .*--restart"):
         store.read_cell(0, 0, smooth.shape, dtype)
+
+
+def test_every_cell_done_runs_no_tile(synthetic, tmp_path, monkeypatch):
+    """Killed after the last cell but before the rename: the rerun only writes the GeoTIFF from the store."""
+    pytest.importorskip("dask")
+    import geosr.scene as scene_mod
+
+    src, expected, meta = synthetic
+    dst = tmp_path / "out.tif"
+    with pytest.raises(Cancelled):  # the dask engine checks should_stop after every task, the last store task too
+        enhance_scene(src, dst, EnhanceConfig(**SYN, scheduler="threads"), should_stop=lambda: _cells(dst) >= CELLS)
+    assert _cells(dst) == CELLS and not dst.exists()
+
+    def no_model(*a, **k):
+        raise AssertionError("a tile ran although every cell was done")
+
+    monkeypatch.setattr(scene_mod, "_run_model", no_model)
+    seen = []
+    result = enhance_scene(src, dst, EnhanceConfig(**SYN), progress=lambda d, t, m: seen.append((d, t, m)))
+    assert (result.resumed_cells, result.skipped_tiles, result.model_seconds) == (CELLS, TILES, 0.0)
+    assert [d for d, _, _ in seen] == list(range(TILES + 1)) and seen[-1][2] == f"tile {TILES}/{TILES} (done before)"
+    assert _read(dst) == (expected, meta)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.tif"]
