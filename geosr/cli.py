@@ -213,6 +213,15 @@ def _cmd_enhance(args) -> int:
     progress, close = _progress_bar(args, "tile", f"geosr x{config.scale}")
     try:
         result = enhance_scene(args.input, out, config, progress=progress)
+    except KeyboardInterrupt:  # in-process runs remove their partial store on Ctrl-C/SIGTERM; dask runs keep it
+        from .store import store_path
+
+        if not store_path(out).is_dir():
+            raise
+        close()
+        print(f"geosr: interrupted; the finished cells are kept in {store_path(out)}: rerun the same command to "
+              "resume", file=sys.stderr)
+        return 130
     finally:
         close()
     print(f"wrote {result.path} ({result.shape[2]}x{result.shape[1]}, {result.shape[0]} bands, "

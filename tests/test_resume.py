@@ -265,3 +265,27 @@ def test_every_cell_done_runs_no_tile(synthetic, tmp_path, monkeypatch):
     assert [d for d, _, _ in seen] == list(range(TILES + 1)) and seen[-1][2] == f"tile {TILES}/{TILES} (done before)"
     assert _read(dst) == (expected, meta)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.tif"]
+
+
+def test_sigterm_of_a_dask_run_says_the_cells_are_kept(synthetic, tmp_path):
+    """In-process runs remove their store on SIGTERM ("nothing was written", test_cli); dask runs keep it, and
+    the CLI says so instead."""
+    pytest.importorskip("dask")
+    src = synthetic[0]
+    dst = tmp_path / "out.tif"
+    cmd = _cli("enhance", src, "-o", dst, "--model", SYN["model"], "--tile", SYN["tile"], "--scale", SYN["scale"],
+               "--scheduler", "threads", "-q")
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while _cells(dst) < 20 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == [f"geosr: interrupted; the finished cells are kept in {store_path(dst)}: "
+                                        "rerun the same command to resume"]
+    assert 20 <= _cells(dst) < CELLS and not dst.exists()
