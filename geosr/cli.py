@@ -91,10 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_progress_json(p)
     g = p.add_argument_group(
         "scaling out and resuming",
-        "With --scheduler or --workers, finished output cells go to OUT.geosr-partial/ beside the output; rerunning "
-        "the same command after a crash resumes it (a run with other settings is refused; --restart discards it). "
-        "The GeoTIFF is written from it at the end and the folder removed. Without either flag the run streams "
-        "in-process and is not resumable.")
+        "Finished output cells also go to OUT.geosr-partial/ beside the output until the GeoTIFF is complete; "
+        "rerunning the same command after a kill or crash skips them (a run with other settings is refused; "
+        "--restart discards it). Ctrl-C, SIGTERM and diagnosed errors (bad input, full disk) remove it: nothing is "
+        "left. Without --scheduler/--workers the run streams in-process (the default); with one of them it runs "
+        "on dask, and a cancel keeps the cells for a rerun.")
     g.add_argument("--scheduler", default=None, metavar="threads|tcp://HOST:PORT",
                    help="'threads': dask's local threaded scheduler; an address: an existing dask.distributed "
                         "cluster (the input, output folder and weights must be visible to its workers)")
@@ -102,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a local cluster of N worker processes (1 dask thread and cores/N torch threads each)")
     g.add_argument("--restart", action="store_true", default=None,
                    help="discard a partial store left by a run with other settings and start over")
+    g.add_argument("--no-resume", dest="no_resume", action="store_true",
+                   help="in-process runs: write no partial store (a killed run starts over; config: resume: false)")
 
     p = sub.add_parser("train", help="train the MMSR diffusion model (tokenizers, then conditioner and UNet)")
     p.add_argument("--config", type=Path, required=True, help="training YAML (e.g. configs/mmsr_small.yaml)")
@@ -203,6 +206,8 @@ def _config(args):
             raise GeosrError(f"{args.config}: cannot read config ({err.strerror})") from err
     given = {f.name: getattr(args, f.name) for f in fields(EnhanceConfig)
              if getattr(args, f.name, None) is not None and getattr(args, f.name) is not False}
+    if getattr(args, "no_resume", False):
+        given["resume"] = False
     return replace(base, **given)
 
 
@@ -216,6 +221,15 @@ def _cmd_enhance(args) -> int:
     progress, close = _progress_bar(args, "tile", f"geosr x{config.scale}")
     try:
         result = enhance_scene(args.input, out, config, progress=progress)
+    except KeyboardInterrupt:  # in-process runs remove their partial store on Ctrl-C/SIGTERM; dask runs keep it
+        from .store import store_path
+
+        if not store_path(out).is_dir():
+            raise
+        close()
+        print(f"geosr: interrupted; the finished cells are kept in {store_path(out)}: rerun the same command to "
+              "resume", file=sys.stderr)
+        return 130
     finally:
         close()
     print(f"wrote {result.path} ({result.shape[2]}x{result.shape[1]}, {result.shape[0]} bands, "

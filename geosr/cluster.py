@@ -15,6 +15,7 @@
 
 A killed worker is survived by dask (its tasks are rescheduled, lost tile results recomputed); a killed client
 leaves the store, and rerunning the same command resumes it. Results are bit-identical to the in-process run.
+Each computed tile's model time comes back with one store task's result (``EnhanceResult.model_seconds``).
 """
 
 from __future__ import annotations
@@ -41,15 +42,24 @@ def check_settings(config: EnhanceConfig) -> None:
                           "(--workers starts a local cluster, --scheduler uses an existing one)")
     if config.workers is not None and int(config.workers) < 1:
         raise ConfigError(f"--workers {config.workers}: must be at least 1")
+    if not config.resume:
+        raise ConfigError("--no-resume: --scheduler and --workers always collect cells in the partial store; "
+                          "drop one of them")
     s = config.scheduler
     if s is not None and s != "threads" and "://" not in s:
         raise ConfigError(f"--scheduler {s}: give 'threads' (local) or a dask scheduler address like "
                           "tcp://host:8786")
 
 
-def _write_cell(store, p: int, q: int, block) -> int:
-    """The store task of output cell ``(p, q)``: runs where the cell was computed."""
-    return store.write_cell(p, q, block)
+def _write_cell(store, p: int, q: int, block, seconds=()) -> tuple[int, float]:
+    """The store task of output cell ``(p, q)``: runs where the cell was computed. Returns the bytes written and
+    the model seconds of the tiles this cell reports (``seconds``: each computed tile is reported by one cell)."""
+    return store.write_cell(p, q, block), float(sum(seconds))
+
+
+def _piece_seconds(piece) -> float:
+    """A tile's model seconds, from its piece of one cell (a float: only that travels to the store task)."""
+    return float(piece.seconds)
 
 
 @contextlib.contextmanager
@@ -96,8 +106,8 @@ def connect(config: EnhanceConfig):
         yield client
 
 
-def _compute_threads(writes, *, total: int, done0: int, progress, should_stop) -> None:
-    """Run the store tasks on dask's local threaded scheduler."""
+def _compute_threads(writes, *, total: int, done0: int, progress, should_stop) -> float:
+    """Run the store tasks on dask's local threaded scheduler; returns the model seconds of the tiles run."""
     import dask
     from dask.callbacks import Callback
 
@@ -119,21 +129,23 @@ def _compute_threads(writes, *, total: int, done0: int, progress, should_stop) -
     pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="geosr")
     try:
         with Callback(posttask=posttask):
-            dask.compute(*writes, scheduler="threads", pool=pool)
+            results = dask.compute(*writes, scheduler="threads", pool=pool)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+    return float(sum(seconds for _, seconds in results))
 
 
-def _compute_distributed(client, writes, *, total: int, done0: int, progress, should_stop) -> None:
+def _compute_distributed(client, writes, *, total: int, done0: int, progress, should_stop) -> float:
     from distributed import as_completed
 
     from .scene import Cancelled
 
     futures = client.compute(writes)
     done = done0
+    model_seconds = 0.0
     try:
         for future in as_completed(futures):
-            future.result()  # re-raises a task's error here
+            model_seconds += future.result()[1]  # re-raises a task's error here
             done += 1
             if progress is not None:
                 progress(done, total, f"cell {done}/{total}")
@@ -141,6 +153,7 @@ def _compute_distributed(client, writes, *, total: int, done0: int, progress, sh
                 raise Cancelled("cancelled; finished cells are kept: rerun the same command to resume")
     finally:
         client.cancel(futures)
+    return model_seconds
 
 
 def enhance_resumable(src: Path, dst: Path, config: EnhanceConfig, *,
@@ -149,12 +162,14 @@ def enhance_resumable(src: Path, dst: Path, config: EnhanceConfig, *,
     """:func:`geosr.enhance_scene` with ``scheduler`` or ``workers`` set (see the module docstring)."""
     import rasterio
     from dask import delayed
+    from dask.delayed import Delayed
 
     from .io.read import open_scene
-    from .io.write import BlockWriter, atomic_output, check_output_path, set_band_metadata, tagged_profile
+    from .io.write import (BlockWriter, atomic_output, check_output_path, remove_stale_partials, set_band_metadata,
+                           tagged_profile)
     from .lazy import enhance_lazy
     from .scene import GDAL_CACHE_MB, Cancelled, EnhanceResult
-    from .store import PartialStore, run_settings
+    from .store import PartialStore, log_start, needed_tiles, run_settings, store_path
 
     t_start = time.perf_counter()
     check_settings(config)
@@ -171,31 +186,45 @@ def enhance_resumable(src: Path, dst: Path, config: EnhanceConfig, *,
         out_h, out_w = grid.out_shape
         settings = run_settings(src, config, lazy.run.model, out_shape=(out_h, out_w), count=scene.count,
                                 dtype=scene.dtype, cells=(len(rows), len(cols)))
+        existed = store_path(dst).exists()
         store = PartialStore.open(dst, settings, restart=config.restart)
+        if existed:  # an earlier run of this output died: drop a temporary GeoTIFF its final pass left
+            remove_stale_partials(dst)
         done = store.done()
         todo = [(p, q) for p in range(len(rows)) for q in range(len(cols)) if (p, q) not in done]
         total = len(rows) * len(cols)
-        needed = {(r, c) for p, q in todo for r in rows[p][2] for c in cols[q][2]}
+        needed = needed_tiles(grid, done)
         skipped_tiles = len(grid) - len(needed)
-        if done:
-            log.info("resuming %s: %d of %d output cells already done, skipped; %d of %d tiles skipped, "
-                     "%d to compute", store.path, len(done), total, skipped_tiles, len(grid), len(needed))
-        else:
-            log.info("partial store %s: %d output cells from %d tiles", store.path, total, len(grid))
+        log_start(store, done=len(done), cells=total, tiles=len(grid), needed=len(needed))
         if progress is not None:
             progress(len(done), total, f"resumed: {len(done)} cells done" if done else "starting")
 
+        model_seconds = 0.0
         if todo:
             blocks = lazy.array.to_delayed(optimize_graph=False)  # (1, P, Q) Delayed cells
             prefix = f"geosr-store-{store.fingerprint[:16]}"
-            writes = [delayed(_write_cell, pure=True)(store, p, q, blocks[0, p, q], dask_key_name=(prefix, p, q))
+            # each computed tile's model time is reported by the first missing cell it feeds (raster order), read
+            # off the tile's piece of that cell by a task that returns a float: the tile result is not kept longer
+            reporter: dict[tuple[int, int], list] = {}
+            reported: set[tuple[int, int]] = set()
+            for p, q in todo:
+                for r in rows[p][2]:
+                    for c in cols[q][2]:
+                        if (r, c) not in reported:
+                            reported.add((r, c))
+                            piece = Delayed((lazy.piece_name, r, c, p, q), lazy.array.dask, layer=lazy.array.name)
+                            reporter.setdefault((p, q), []).append(delayed(_piece_seconds, pure=True)(
+                                piece, dask_key_name=(f"geosr-seconds-{store.fingerprint[:16]}", r, c)))
+            writes = [delayed(_write_cell, pure=True)(store, p, q, blocks[0, p, q], reporter.get((p, q), []),
+                                                      dask_key_name=(prefix, p, q))
                       for p, q in todo]
             if distributed:
                 client = client or stack.enter_context(connect(config))
-                _compute_distributed(client, writes, total=total, done0=len(done), progress=progress,
-                                     should_stop=should_stop)
+                model_seconds = _compute_distributed(client, writes, total=total, done0=len(done),
+                                                     progress=progress, should_stop=should_stop)
             else:
-                _compute_threads(writes, total=total, done0=len(done), progress=progress, should_stop=should_stop)
+                model_seconds = _compute_threads(writes, total=total, done0=len(done), progress=progress,
+                                                 should_stop=should_stop)
             missing = len(todo) - len(set(todo) & store.done())
             if missing:  # a planning or store bug, never a user error
                 raise RuntimeError(f"{missing} output cells missing from {store.path} after the run")
@@ -218,5 +247,5 @@ def enhance_resumable(src: Path, dst: Path, config: EnhanceConfig, *,
         store.remove()
     log.info("wrote %s; removed the partial store", dst)
     return EnhanceResult(path=dst, shape=(scene.count, out_h, out_w), tiles=len(grid),
-                         seconds=time.perf_counter() - t_start, model_seconds=float("nan"), config=config,
+                         seconds=time.perf_counter() - t_start, model_seconds=model_seconds, config=config,
                          tags=lazy.tags, resumed_cells=len(done), skipped_tiles=skipped_tiles)

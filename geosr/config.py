@@ -75,10 +75,12 @@ class EnhanceConfig:
     dsm: str | None = None  # DSM / nDSM raster for the depth modality (used if the checkpoint has a depth tokenizer)
     landcover: str | None = None  # land-cover raster with a class table: its classes replace the heuristic's
     vectors: str | None = None  # vector layers (gpkg, geojson, osm.pbf): roads, buildings, water over the segmentation
-    # scaling out and resuming (geosr.cluster): either one selects the resumable engine; neither streams in-process
+    # scaling out and resuming (geosr.cluster): either one selects the dask engine; neither streams in-process
+    # (both resumable: see geosr.store)
     scheduler: str | None = None  # "threads" (local dask threads) or a dask.distributed address tcp://host:port
     workers: int | None = None  # start a LocalCluster of this many worker processes (1 dask thread each)
     restart: bool = False  # discard a partial store left by a run with other settings instead of refusing
+    resume: bool = True  # in-process runs too keep finished cells in the partial store until done; False: stream only
 
     def to_dict(self) -> dict:
         d = asdict(self)

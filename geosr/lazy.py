@@ -59,6 +59,12 @@ class LazyEnhancement:
     config: EnhanceConfig
 
     @property
+    def piece_name(self) -> str:
+        """Key prefix of the graph's piece tasks: ``(piece_name, row, col, p, q)`` is tile ``(row, col)``'s
+        :class:`~geosr.scene.TileResult` on output cell ``(p, q)`` (its ``seconds``: the tile's model time)."""
+        return self.array.name.replace("geosr-enhance-", "geosr-piece-", 1)
+
+    @property
     def chunks(self) -> tuple[tuple[int, ...], ...]:
         """The output chunks (band, y, x): one per output cell (see :func:`geosr.tiling.AxisPlan.segments`)."""
         return self.array.chunks

@@ -8,7 +8,8 @@ Read scene -> cut tiles -> run the model -> blend -> write, streamed tile by til
    band group by band group, weight it by its blend weights;
 4. every output cell whose last contributing tile is done is converted back to the input's value range and
    dtype, masked where the input was nodata, and handed to the writer, which writes each GeoTIFF block as
-   soon as it is complete (``io.write``).
+   soon as it is complete (``io.write``), and (``config.resume``, the default) written to the partial store beside
+   the output (``store``), so that the same call after a kill or crash skips the cells already done.
 """
 
 from __future__ import annotations
@@ -50,10 +51,10 @@ class EnhanceResult:
     shape: tuple[int, int, int]  # (band, y, x) of the output
     tiles: int
     seconds: float
-    model_seconds: float  # time spent inside the model alone (NaN for --scheduler/--workers runs: not collected)
+    model_seconds: float  # time spent inside the model alone (this run's tiles: not those a resume skipped)
     config: EnhanceConfig
     tags: dict = field(default_factory=dict)
-    resumed_cells: int = 0  # resumable runs (--scheduler/--workers): output cells found done in the partial store
+    resumed_cells: int = 0  # resumed runs: output cells found done in the partial store
     skipped_tiles: int = 0  # ... and the tiles not recomputed because every cell they feed was done
 
 
@@ -301,9 +302,15 @@ def finish_cell(scene: Scene, value: np.ndarray, last: TileResult, ya: int, yb: 
 
 def run_tiles(scene: Scene, model: SRModel, grid: TileGrid, put: Callable[[int, int, np.ndarray], None], *,
               edge: str = "reflect", progress: Progress | None = None,
-              should_stop: Callable[[], bool] | None = None) -> float:
+              should_stop: Callable[[], bool] | None = None, done: frozenset | set = frozenset(),
+              stored: Callable[[int, int, int, int], np.ndarray] | None = None) -> float:
     """Enhance ``scene`` tile by tile in raster order, calling ``put(y0, x0, block)`` once per finished output
     cell. Partly blended cells wait in memory (about one overlap strip); nothing else does.
+
+    ``done``: origins ``(y0, x0)`` of output cells finished by an earlier run (a resumed partial store). They are
+    not recomputed, and a tile all of whose cells are done is not run; ``stored(y0, y1, x0, x1)`` gives such a
+    cell's block, handed to ``put`` exactly when this run would have finished it (so the writer's memory stays
+    bounded). Every other cell gets the same bits as without ``done``: all of its tiles run, in the same order.
 
     Returns the seconds spent in the model.
     """
@@ -312,6 +319,10 @@ def run_tiles(scene: Scene, model: SRModel, grid: TileGrid, put: Callable[[int, 
     row_segs = {i: [seg for seg in grid.rows.segments if i in seg[2]] for i in range(len(grid.rows))}
     col_segs = {j: [seg for seg in grid.cols.segments if j in seg[2]] for j in range(len(grid.cols))}
     pending: dict[tuple[int, int], np.ndarray] = {}  # partly blended cells, float64 (C, h, w)
+    needed = None
+    if done:
+        needed = {(r, c) for ya, _, ycover in grid.rows.segments for xa, _, xcover in grid.cols.segments
+                  if (ya, xa) not in done for r in ycover for c in xcover}
     model_seconds = 0.0
     total = len(grid)
     if progress is not None:
@@ -319,12 +330,22 @@ def run_tiles(scene: Scene, model: SRModel, grid: TileGrid, put: Callable[[int, 
     for k, tile in enumerate(grid.tiles()):
         if should_stop is not None and should_stop():
             raise Cancelled("cancelled")
+        if needed is not None and (tile.row, tile.col) not in needed:  # every cell it feeds is done
+            for c in cells.get((tile.row, tile.col), ()):
+                put(c.y0, c.x0, stored(c.y0, c.y1, c.x0, c.x1))
+            if progress is not None:
+                progress(k + 1, total, f"tile {k + 1}/{total} (done before)")
+            continue
         result = enhance_tile(run, tile, scene.read(*run.source(tile)))
         model_seconds += result.seconds
         finishing = {(c.y0, c.x0) for c in cells.get((tile.row, tile.col), ())}
         for ya, yb, ycover in row_segs[tile.row]:
             for xa, xb, xcover in col_segs[tile.col]:
                 key = (ya, xa)
+                if key in done:
+                    if key in finishing:
+                        put(ya, xa, stored(ya, yb, xa, xb))
+                    continue
                 if single_cover(ycover, xcover):
                     value = result.part(ya, yb, xa, xb).astype(np.float64)
                 else:
@@ -413,10 +434,17 @@ def enhance_scene(src, dst, config: EnhanceConfig | None = None, *, progress: Pr
 
     The output keeps the input's CRS, dtype, nodata footprint, band descriptions and colour interpretation; its
     transform is the input's times ``Affine.scale(1 / scale)``. ``dst`` appears only when complete.
+
+    Resumable (``config.resume``, the default): each finished output cell is also written to the partial store
+    beside the output (:mod:`geosr.store`), removed once ``dst`` is complete. A run that dies (``kill -9``, the
+    OOM killer, power loss, an unexpected exception) leaves it, and the same call again skips the cells in it.
+    A run stopped on purpose (``should_stop``, Ctrl-C, SIGTERM) or by a diagnosed error (:class:`GeosrError`:
+    unreadable input, full disk, ...) removes it: nothing is left behind, as without resume.
     """
     import rasterio
 
-    from .io.write import BlockWriter, atomic_output, check_output_path, set_band_metadata, tagged_profile
+    from .io.write import (BlockWriter, atomic_output, check_output_path, remove_stale_partials, set_band_metadata,
+                           tagged_profile)
 
     config = config or EnhanceConfig()
     src, dst = Path(src), Path(dst)
@@ -438,16 +466,66 @@ def enhance_scene(src, dst, config: EnhanceConfig | None = None, *, progress: Pr
                                  transform=transform, nodata=scene.nodata)
         log.info("enhancing %s (%dx%d, %d bands) x%d with %s in %d tiles", src, scene.width, scene.height,
                  scene.count, config.scale, model.name, len(grid))
-        with atomic_output(dst, overwrite=config.overwrite, cog=config.cog) as tmp:
-            with rasterio.open(tmp, "w", **profile) as ds:
-                set_band_metadata(ds, descriptions=scene.descriptions, colorinterp=scene.colorinterp, tags=tags)
-                writer = BlockWriter(ds, dtype=scene.dtype)
-                model_seconds = run_tiles(scene, model, grid, writer.put, edge=run.edge,
-                                          progress=progress, should_stop=should_stop)
-                if writer.pending:
-                    raise RuntimeError("output blocks left unwritten")
+        store, cells, done, done_at, needed = None, None, set(), set(), len(grid)
+        try:  # from here on the store (once open) is removed or kept as the run ends (see above)
+            if config.resume:
+                from .store import CellWriter, PartialStore, log_start, needed_tiles, run_settings, store_path
+
+                rows, cols = grid.rows.segments, grid.cols.segments
+                settings = run_settings(src, config, model, out_shape=(out_h, out_w), count=scene.count,
+                                        dtype=scene.dtype, cells=(len(rows), len(cols)))
+                existed = store_path(dst).exists()
+                store = PartialStore.open(dst, settings, restart=config.restart)
+                if existed:  # an earlier run of this output died: drop the temporary GeoTIFF it left
+                    remove_stale_partials(dst)
+                done = store.done()
+                needed = len(needed_tiles(grid, done))
+                log_start(store, done=len(done), cells=len(rows) * len(cols), tiles=len(grid), needed=needed)
+                cell_of = {(ya, xa): (p, q) for p, (ya, _, _) in enumerate(rows) for q, (xa, _, _) in enumerate(cols)}
+                done_at = {(rows[p][0], cols[q][0]) for p, q in done}
+                cells = CellWriter(store)  # compresses and writes cells beside the model
+            with atomic_output(dst, overwrite=config.overwrite, cog=config.cog) as tmp:
+                with rasterio.open(tmp, "w", **profile) as ds:
+                    set_band_metadata(ds, descriptions=scene.descriptions, colorinterp=scene.colorinterp, tags=tags)
+                    writer = BlockWriter(ds, dtype=scene.dtype)
+
+                    def put(y0, x0, block):  # a finished cell (a new array): to the store and the GeoTIFF
+                        if cells is not None and (y0, x0) not in done_at:
+                            cells.put(*cell_of[(y0, x0)], block)
+                        writer.put(y0, x0, block)
+
+                    def stored(y0, y1, x0, x1):  # a cell an earlier run finished
+                        return store.read_cell(*cell_of[(y0, x0)], (scene.count, y1 - y0, x1 - x0), scene.dtype)
+
+                    model_seconds = run_tiles(scene, model, grid, put, edge=run.edge, progress=progress,
+                                              should_stop=should_stop, done=done_at, stored=stored)
+                    if writer.pending:
+                        raise RuntimeError("output blocks left unwritten")
+                    if cells is not None:
+                        cells.close()  # every cell in place (or its write error raised) before the rename
+        except (GeosrError, KeyboardInterrupt):  # stopped on purpose or a diagnosed error: leave nothing
+            if cells is not None:
+                cells.abort()
+            if store is not None:
+                store.remove()
+            raise
+        except BaseException:
+            if cells is not None:
+                cells.abort()
+            if store is not None:
+                kept = store.count()
+                if kept:
+                    log.warning("%d finished output cells are kept in %s: rerun the same command to resume",
+                                kept, store.path)
+                else:
+                    store.remove()
+            raise
+        if store is not None:
+            store.remove()
+            log.info("wrote %s; removed the partial store", dst)
     return EnhanceResult(path=dst, shape=(scene.count, out_h, out_w), tiles=len(grid),
-                         seconds=time.perf_counter() - t_start, model_seconds=model_seconds, config=config, tags=tags)
+                         seconds=time.perf_counter() - t_start, model_seconds=model_seconds, config=config, tags=tags,
+                         resumed_cells=len(done), skipped_tiles=len(grid) - needed)
 
 
 def enhance_array(array: np.ndarray, config: EnhanceConfig | None = None, *, nodata=None, model: SRModel | None = None,

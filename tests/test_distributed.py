@@ -4,6 +4,7 @@ scheduler address fails fast."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -55,7 +56,7 @@ def synthetic(tmp_path_factory):
 
 def _cells(dst: Path) -> int:
     cells = store_path(dst) / "cells"
-    return sum(1 for n in os.listdir(cells) if n.endswith(".npy")) if cells.is_dir() else 0
+    return sum(1 for n in os.listdir(cells) if n.endswith(".npy.gz")) if cells.is_dir() else 0
 
 
 def _cli(*args) -> list[str]:
@@ -75,6 +76,7 @@ def test_local_cluster_of_two_workers_is_bit_identical(data, tmp_path):
     expected, meta = _read(tmp_path / "single.tif")
     got, got_meta = _read(tmp_path / "cluster.tif")
     assert result.tiles == 72 and result.resumed_cells == 0
+    assert math.isfinite(result.model_seconds) and result.model_seconds > 0  # collected from the workers' tasks
     assert got == expected and got_meta == meta
     assert not store_path(tmp_path / "cluster.tif").exists()  # the store is gone once the GeoTIFF is written
 
@@ -162,8 +164,12 @@ def test_resume_computes_only_the_tiles_of_missing_cells(synthetic, tmp_path):
         result = enhance_scene(src, dst, config)
     tiles = {k for k in ran if isinstance(k, tuple) and str(k[0]).startswith("geosr-tile")}
     stored = {k for k in ran if isinstance(k, tuple) and str(k[0]).startswith("geosr-store")}
+    timed = {k for k in ran if isinstance(k, tuple) and str(k[0]).startswith("geosr-seconds")}
     assert result.resumed_cells == partial and len(stored) == 289 - partial
     assert result.skipped_tiles > 0 and len(tiles) == 81 - result.skipped_tiles
+    # model time: each tile this run computed is reported once (by one of its cells), skipped tiles never
+    assert {k[1:] for k in timed} == {k[1:] for k in tiles}
+    assert math.isfinite(result.model_seconds) and result.model_seconds > 0
     assert _read(dst) == (expected, meta)
 
 
@@ -254,7 +260,7 @@ def test_store_fingerprint_and_atomic_cells(synthetic, tmp_path):
     (store.cells_dir / "0_2.npy.tmp-123-abcd").write_bytes(b"half a cell")  # a writer killed mid-write
     assert store.done() == {(0, 1)}
     assert PartialStore.open(dst, base).done() == {(0, 1)}  # reopened: resumed, temporary file cleaned
-    assert sorted(os.listdir(store.cells_dir)) == ["0_1.npy"]
+    assert sorted(os.listdir(store.cells_dir)) == ["0_1.npy.gz"]
     assert store.read_cell(0, 1, (3, 4, 5), "uint8").tobytes() == block.tobytes()
     with pytest.raises(Exception, match="expected uint8 \\(3, 4, 6\\)"):
         store.read_cell(0, 1, (3, 4, 6), "uint8")

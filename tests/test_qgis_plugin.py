@@ -31,7 +31,8 @@ sys.path.insert(0, str(REPO / "qgis_plugin"))
 
 from geosr_qgis.backend import (InProcessBackend, RunCancelled, RunError, SubprocessBackend,  # noqa: E402
                                 choose_backend, error_message, parse_line)
-from geosr_qgis.options import EnhanceOptions, ModalitiesOptions, ScoreOptions, layer_file, partial_outputs  # noqa: E402
+from geosr_qgis.options import (EnhanceOptions, ModalitiesOptions, ScoreOptions, layer_file, partial_outputs,  # noqa: E402
+                                partial_store)
 
 FIXTURE = "zurich_swissimage_tile00_175x120.tif"
 SCENE = "zurich_0p5m_rgb.tif"  # 875 x 600: with 32 px tiles about a minute of lanczos, for Cancel
@@ -69,6 +70,7 @@ def test_enhance_options_become_an_argument_list_and_library_settings():
     assert pairs["--guidance"] == "4.0" and pairs["--guidance-mode"] == "m-cfg" and pairs["--dsm"] == "d.tif"
     assert pairs["--drop"] == "depth,edges" and pairs["--seed"] == "0"
     assert "--overwrite" in args and "--cog" not in args and "--landcover" not in args
+    assert "--restart" in args  # another run's partial store is discarded: a GUI user cannot manage it
     from geosr.cli import build_parser
 
     parsed = build_parser().parse_args(args)  # the real CLI accepts every flag the plugin builds
@@ -78,6 +80,7 @@ def test_enhance_options_become_an_argument_list_and_library_settings():
 
     config = EnhanceConfig(**opts.config_kwargs())  # and the library takes the same settings
     assert (config.drop, config.bands, config.overwrite, config.seed) == ("depth,edges", (3, 2, 1), True, 0)
+    assert config.restart and config.resume and parsed.restart
 
 
 @pytest.mark.parametrize("modalities, drop", [(None, None), (("text", "depth", "segmentation", "edges"), None),
@@ -213,6 +216,9 @@ def test_subprocess_killed_after_the_grace_time_leaves_no_partial_file(fake_inte
     out = tmp_path / "o.tif"
     partial = tmp_path / ".o.tif.abc123.geosr-part.tif"  # what a killed geosr leaves behind
     partial.write_bytes(b"")
+    store = partial_store(out)  # ... and its finished cells, kept for a resume after a crash
+    (store / "cells").mkdir(parents=True)
+    (store / "cells" / "0_0.npy.gz").write_bytes(b"")
     backend = SubprocessBackend(fake_interpreter)
     seen = []
     t0 = time.monotonic()
@@ -222,7 +228,7 @@ def test_subprocess_killed_after_the_grace_time_leaves_no_partial_file(fake_inte
     assert time.monotonic() - t0 < 20
     assert seen == [(1, 2, "tile 1/2")]
     assert backend.process.returncode == -signal.SIGKILL
-    assert not partial.exists()
+    assert not partial.exists() and not store.exists()  # a Cancel leaves nothing, not even cells to resume
 
 
 def test_subprocess_that_finishes_despite_cancel_keeps_its_result(fake_interpreter, tmp_path):

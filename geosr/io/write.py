@@ -130,6 +130,26 @@ def atomic_output(dst: Path, *, overwrite: bool, cog: bool):
                 pass
 
 
+def remove_stale_partials(dst: Path) -> list[Path]:
+    """Delete the temporary files :func:`atomic_output` left for ``dst`` in a process that was killed (they are
+    named ``.NAME.*.geosr-part.tif`` and sidecars); returns what was removed. Call it only when no other process
+    is writing ``dst`` (e.g. when resuming its partial store)."""
+    import glob
+
+    dst = Path(dst)
+    removed = []
+    for name in glob.glob(glob.escape(str(dst.with_name(f".{dst.name}."))) + "*.geosr-part*"):
+        try:
+            os.unlink(name)
+            removed.append(Path(name))
+        except OSError:
+            pass
+    if removed:
+        log.info("removed %d temporary file(s) of an interrupted run: %s", len(removed),
+                 ", ".join(p.name for p in removed))
+    return removed
+
+
 def _to_cog(src: Path, dst: Path) -> None:
     """Rewrite ``src`` as a Cloud-Optimized GeoTIFF with overviews (GDAL's COG driver)."""
     with rasterio.open(src) as ds:

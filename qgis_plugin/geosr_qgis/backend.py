@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import subprocess
 import sys
 import threading
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .options import EnhanceOptions, ModalitiesOptions, ScoreOptions, partial_outputs
+from .options import EnhanceOptions, ModalitiesOptions, ScoreOptions, partial_outputs, partial_store
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,7 @@ class SubprocessBackend:
             if output:  # killed before it could clean up (or Windows, where terminate is a kill)
                 for p in partial_outputs(output):
                     p.unlink(missing_ok=True)
+                shutil.rmtree(partial_store(output), ignore_errors=True)  # a Cancel keeps nothing for a resume
             raise RunCancelled("cancelled")
         if returncode != 0:
             raise RunError(error_message(lines, returncode))

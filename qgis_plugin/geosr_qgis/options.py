@@ -56,6 +56,9 @@ class EnhanceOptions:
     vectors: str | None = None
     cog: bool = False
     overwrite: bool = False
+    # a partial store that a killed or crashed run with other settings left beside the output is discarded (a GUI
+    # user cannot manage it); one with the same settings is still resumed
+    restart: bool = True
 
     @property
     def drop(self) -> str | None:
@@ -145,6 +148,12 @@ class ScoreOptions:
                     json_path=self.json, html_path=self.html, map_path=self.map, overwrite=self.overwrite)
 
 
+def partial_store(output: str | Path) -> Path:
+    """The folder of finished cells geosr keeps beside ``output`` until it is complete (``NAME.geosr-partial``)."""
+    out = Path(output)
+    return out.with_name(out.name + ".geosr-partial")
+
+
 def partial_outputs(output: str | Path) -> list[Path]:
     """Temporary files geosr writes beside ``output`` while it works (``.NAME.*.geosr-part.tif`` and sidecars)."""
     out = Path(output)
@@ -154,4 +163,4 @@ def partial_outputs(output: str | Path) -> list[Path]:
 
 
 __all__ = ["MODELS", "MODALITIES", "GUIDANCE_MODES", "GEODATA_MODELS", "layer_file", "EnhanceOptions",
-           "ModalitiesOptions", "ScoreOptions", "partial_outputs"]
+           "ModalitiesOptions", "ScoreOptions", "partial_outputs", "partial_store"]
