@@ -110,11 +110,10 @@ class FusionSR(SRModel):
 
         with safe_open(str(self.path), framework="pt") as f:
             meta = f.metadata() or {}
-        return {"package": "geosr", "version": meta.get("geosr_version", ""), "registry": "committed with geosr "
-                "(trained here on data/train, see geosr/checkpoints/MODEL_CARD.md)",
-                "sha256": _sha256(self.path), "licence": "same as geosr",
-                "trained_steps": meta.get("trained_steps", ""),
-                "experts": ", ".join(EXPERTS) + " (weights: `geosr weights fetch`)"}
+        return {"package": "geosr-trained:aerial-fusion-x4", "version": f"{meta.get('trained_steps', '?')} steps",
+                "registry": "committed with geosr (trained here on data/train, see geosr/checkpoints/MODEL_CARD.md)",
+                "member": f"{self.path.name} + experts {', '.join(EXPERTS)}", "sha256": _sha256(self.path),
+                "license": "Apache-2.0", "trained_steps": meta.get("trained_steps", "")}
 
     def prepare(self) -> None:
         with self._lock:

@@ -136,7 +136,14 @@ class MMSRModel(SRModel):
 
     @property
     def default_tile(self) -> int:
-        return self._bundle.config.tile if self._bundle is not None else 64
+        if self._bundle is None:
+            return 64
+        return int(self.inference_defaults().get("tile", self._bundle.config.tile))
+
+    def inference_defaults(self) -> dict:
+        """The loaded checkpoint's recommended run settings (``meta["inference"]``: strength, consistency,
+        tile); empty when it records none."""
+        return dict(self._bundle.meta.get("inference", {})) if self._bundle is not None else {}
 
     @property
     def receptive_field(self) -> int:
@@ -167,6 +174,13 @@ class MMSRModel(SRModel):
         if self.checkpoint is not None:
             self.prepare()
         if self._bundle is not None:
+            # settings the checkpoint recommends (meta "inference", chosen on the benchmark when it was packaged),
+            # for whatever the run leaves unset
+            recommended = self.inference_defaults()
+            if strength is None:
+                self.strength = float(recommended.get("strength", 1.0))
+            if getattr(config, "consistency", None) is None:
+                self.consistency = float(recommended.get("consistency", type(self).consistency))
             known = set(self._bundle.pipeline.conditioner.keys)
             unknown = sorted(set(self.temperatures) - known)
             if unknown:
