@@ -103,7 +103,7 @@ class TileProgress:
     then each tile done calls ``progress(k, total, "tile k/total")``, ``total`` being the scene's tile count (a
     compute of a window runs only the tiles under it, so its count stops short of ``total``). ``should_stop()`` is
     asked before each tile's model runs; True raises :class:`~geosr.scene.Cancelled` in that task, which ends the
-    compute (tiles already running in other threads finish first; they no longer report once another pass began).
+    compute (tiles already running in other threads finish, without reporting: the pass is over).
 
     Both run where the tasks run: in this process under dask's threaded (the default) and synchronous
     schedulers. Under ``processes`` or dask.distributed each worker gets its own copy: use dask's diagnostics there.
@@ -115,6 +115,7 @@ class TileProgress:
         self.should_stop = should_stop
         self.passes = 0  # passes begun (computes of the graph)
         self.done = 0  # tiles done in the current pass
+        self.stopped = 0  # the last pass should_stop ended
         self._lock = threading.Lock()
 
     def __getstate__(self):  # a process scheduler pickles the graph: the lock is per process
@@ -134,9 +135,11 @@ class TileProgress:
                 self.progress(0, self.total, "starting")
             return self.passes
 
-    def begin(self) -> None:
-        """Before a tile's model runs: the cancel check."""
+    def begin(self, number: int) -> None:
+        """Before a tile of pass ``number`` runs its model: the cancel check."""
         if self.should_stop is not None and self.should_stop():
+            with self._lock:
+                self.stopped = max(self.stopped, number)
             raise Cancelled("cancelled")
 
     def end(self, number: int) -> None:
@@ -144,7 +147,7 @@ class TileProgress:
         if self.progress is None:
             return
         with self._lock:
-            if number != self.passes:
+            if number != self.passes or number == self.stopped:  # a later compute began, or this one was stopped
                 return
             self.done += 1
             self.progress(self.done, self.total, f"tile {self.done}/{self.total}")
@@ -181,7 +184,7 @@ def _pass_task(hooks: TileProgress) -> int:
 def _tracked_tile_task(hooks: TileProgress, number: int, run: TileRun, tile, window: np.ndarray) -> TileResult:
     """:func:`_tile_task` between ``hooks.begin()`` (cancel check) and ``hooks.end()`` (progress) in pass
     ``number``."""
-    hooks.begin()
+    hooks.begin(number)
     result = _tile_task(run, tile, window)
     hooks.end(number)
     return result

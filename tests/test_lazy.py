@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -278,9 +279,13 @@ def test_should_stop_cancels_the_compute_before_the_remaining_tiles(data, tmp_pa
         lazy = enhance_lazy(open_source(src), config, progress=lambda d, t, m: seen.append(d),
                             should_stop=lambda: stop[0] and len(seen) > 3)  # after 3 tiles ("starting" + 3)
         total = len(lazy.grid)
+        pool = ThreadPoolExecutor(2)  # dask's threads, but waited for: tiles in flight at the stop end in it
         with pytest.raises(Cancelled):
-            lazy.array.compute(scheduler="threads")
+            lazy.array.compute(scheduler="threads", pool=pool)
+        pool.shutdown(wait=True)
         assert 3 <= len(ran) < total  # the model ran for fewer tiles than the scene has
+        # a tile that began before the stop was seen may still report; none after it (at most 2 threads)
+        assert seen == list(range(len(seen))) and 4 <= len(seen) <= 5
         ran.clear(), seen.clear()
         with pytest.raises(Cancelled):
             lazy.array.compute(scheduler="synchronous")
