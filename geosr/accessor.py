@@ -69,7 +69,8 @@ class GeosrAccessor:
     def __init__(self, da: xr.DataArray):
         self._da = da
 
-    def enhance(self, scale: int = 4, model: str | None = None, **options) -> xr.DataArray:
+    def enhance(self, scale: int = 4, model: str | None = None, *, progress=None, should_stop=None,
+                **options) -> xr.DataArray:
         """A new, lazily computed (dask) DataArray of the enhanced image.
 
         ``options`` are :class:`geosr.config.EnhanceConfig` fields (``tile``, ``overlap``, ``edge``, ``nodata``,
@@ -77,6 +78,11 @@ class GeosrAccessor:
         the output pixel centres; ``rio.crs``, ``rio.transform()`` and ``rio.nodata`` are those the CLI writes,
         and its values equal the CLI's output for the same file and settings. The model's per-scene step (the
         mmsr caption) runs now; the tiles run on ``.compute()`` (or ``.rio.to_raster``), streamed.
+
+        ``progress``: a callback ``(done, total, message)`` called as tiles are done during the compute, or True
+        for a ``tqdm.auto`` progress bar; ``should_stop()``: asked before each tile, True stops the compute with
+        :class:`geosr.scene.Cancelled` (see :class:`geosr.lazy.TileProgress`; both act under dask's threaded and
+        synchronous schedulers). Neither changes the values.
         """
         from .config import EnhanceConfig
         from .io.read import scene_from_dataarray
@@ -90,7 +96,8 @@ class GeosrAccessor:
             da = da.isel(band=[b - 1 for b in config.bands])
         scene = scene_from_dataarray(da, nodata=config.nodata)
         coords = da.coords["band"].values if "band" in da.coords else None
-        return to_dataarray(enhance_lazy(scene, config), band_coords=coords)
+        return to_dataarray(enhance_lazy(scene, config, progress=progress, should_stop=should_stop),
+                            band_coords=coords)
 
     def modalities(self, **options) -> xr.Dataset:
         """Every condition the diffusion core reads, as a Dataset on this array's grid (computed now).

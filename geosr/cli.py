@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .errors import GeosrError
+from .errors import GeosrError, Terminated
 
 
 def _bands(text: str) -> tuple[int, ...]:
@@ -93,9 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         "scaling out and resuming",
         "Finished output cells also go to OUT.geosr-partial/ beside the output until the GeoTIFF is complete; "
         "rerunning the same command after a kill or crash skips them (a run with other settings is refused; "
-        "--restart discards it). Ctrl-C, SIGTERM and diagnosed errors (bad input, full disk) remove it: nothing is "
-        "left. Without --scheduler/--workers the run streams in-process (the default); with one of them it runs "
-        "on dask, and a cancel keeps the cells for a rerun.")
+        "--restart discards it). Ctrl-C keeps it too, to resume. SIGTERM (the QGIS plugin's Cancel) and diagnosed "
+        "errors (bad input, full disk) remove it: nothing is left. Without --scheduler/--workers the run streams "
+        "in-process (the default); with one of them it runs on dask, and a SIGTERM keeps the cells for a rerun too.")
     g.add_argument("--scheduler", default=None, metavar="threads|tcp://HOST:PORT",
                    help="'threads': dask's local threaded scheduler; an address: an existing dask.distributed "
                         "cluster (the input, output folder and weights must be visible to its workers)")
@@ -221,14 +221,17 @@ def _cmd_enhance(args) -> int:
     progress, close = _progress_bar(args, "tile", f"geosr x{config.scale}")
     try:
         result = enhance_scene(args.input, out, config, progress=progress)
-    except KeyboardInterrupt:  # in-process runs remove their partial store on Ctrl-C/SIGTERM; dask runs keep it
-        from .store import store_path
+    except KeyboardInterrupt:  # Ctrl-C keeps the partial store; SIGTERM removes it in-process, dask runs keep it
+        from .store import kept_cells, store_path
 
-        if not store_path(out).is_dir():
-            raise
+        kept = kept_cells(out)
+        if kept is None:
+            raise  # "nothing was written"
         close()
-        print(f"geosr: interrupted; the finished cells are kept in {store_path(out)}: rerun the same command to "
-              "resume", file=sys.stderr)
+        done, total = kept
+        print(f"geosr: interrupted: {done} of {total if total is not None else '?'} output cells kept in "
+              f"{store_path(out)}; rerun the same command to resume (or delete that folder to start over)",
+              file=sys.stderr)
         return 130
     finally:
         close()
@@ -469,7 +472,8 @@ def _quiet_native_stderr():
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
-    """SIGTERM (e.g. a QGIS Cancel of the subprocess) stops like Ctrl-C, so partial outputs are removed."""
+    """SIGTERM (e.g. a QGIS Cancel of the subprocess) stops like Ctrl-C but raises :class:`geosr.errors.Terminated`,
+    so that an in-process enhance removes its partial store (Ctrl-C keeps it)."""
     import signal
     import threading
 
@@ -478,7 +482,7 @@ def _sigterm_as_interrupt():
         return
 
     def on_sigterm(signum, frame):
-        raise KeyboardInterrupt
+        raise Terminated
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:

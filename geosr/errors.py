@@ -35,3 +35,9 @@ class ConditionError(GeosrError):
 
 class BackendError(GeosrError):
     """An optional backend (transformers model, LLM endpoint) is not installed or cannot be reached."""
+
+
+class Terminated(KeyboardInterrupt):
+    """Not an error: a stop on purpose from outside that must leave nothing, unlike Ctrl-C (a plain
+    ``KeyboardInterrupt``, after which a run keeps its partial store to resume). The CLI raises it on SIGTERM, which
+    the QGIS plugin's Cancel sends; it prints "interrupted" and exits 130 for both."""

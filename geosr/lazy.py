@@ -22,21 +22,30 @@ Keys are deterministic (the token hashes the input's dask name, the scaling, the
 so a distributed runner can run the tile tasks on workers, store finished cells and resume. Tasks get the
 input's chunks (rioxarray-backed chunks reopen the file by path in each worker) and a detached
 :class:`~geosr.scene.TileRun` (scene metadata and the prepared model: one graph key every tile depends on).
+
+Progress and cancel (``progress``, ``should_stop``, as :func:`geosr.enhance_scene` takes them): each tile task then
+also holds a :class:`TileProgress`, which checks ``should_stop`` before the tile's model runs (raising
+:class:`~geosr.scene.Cancelled`) and counts the tile when it is done (a lock makes the count and the callback's
+calls ordered under dask's threaded scheduler), and depends on one more task that starts the count once per
+compute. The tile, piece and cell keys and the output's bits stay the same.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from .config import EnhanceConfig
 from .io.read import Scene
 from .models.base import SRModel
-from .scene import (TileResult, TileRun, blend_cell, enhance_tile, finish_cell, output_tags, prepare_run,
-                    scene_overview)
+from .errors import ConfigError
+from .scene import (Cancelled, Progress, TileResult, TileRun, blend_cell, enhance_tile, finish_cell, output_tags,
+                    prepare_run, scene_overview)
 from .tiling import TileGrid, output_transform
 
 log = logging.getLogger(__name__)
@@ -86,6 +95,101 @@ def _tile_task(run: TileRun, tile, window: np.ndarray) -> TileResult:
     return enhance_tile(run, tile, window)
 
 
+class TileProgress:
+    """The progress and cancel hooks of one lazy graph's tile tasks (see the module docstring).
+
+    Each compute is one *pass*: the graph's pass task (``geosr-pass-<token>-<id>``), which every tile task depends
+    on, runs once per compute before any tile, starts the count at 0 and calls ``progress(0, total, "starting")``;
+    then each tile done calls ``progress(k, total, "tile k/total")``, ``total`` being the scene's tile count (a
+    compute of a window runs only the tiles under it, so its count stops short of ``total``). ``should_stop()`` is
+    asked before each tile's model runs; True raises :class:`~geosr.scene.Cancelled` in that task, which ends the
+    compute (tiles already running in other threads finish, without reporting: the pass is over).
+
+    Both run where the tasks run: in this process under dask's threaded (the default) and synchronous
+    schedulers. Under ``processes`` or dask.distributed each worker gets its own copy: use dask's diagnostics there.
+    """
+
+    def __init__(self, total: int, progress: Progress | None = None, should_stop: Callable[[], bool] | None = None):
+        self.total = int(total)
+        self.progress = progress
+        self.should_stop = should_stop
+        self.passes = 0  # passes begun (computes of the graph)
+        self.done = 0  # tiles done in the current pass
+        self.stopped = 0  # the last pass should_stop ended
+        self._lock = threading.Lock()
+
+    def __getstate__(self):  # a process scheduler pickles the graph: the lock is per process
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _lock=threading.Lock())
+
+    def new_pass(self) -> int:
+        """The pass task: a compute begins. Returns the pass number the tile tasks of this compute get."""
+        with self._lock:
+            self.passes += 1
+            self.done = 0
+            if self.progress is not None:
+                self.progress(0, self.total, "starting")
+            return self.passes
+
+    def begin(self, number: int) -> None:
+        """Before a tile of pass ``number`` runs its model: the cancel check."""
+        if self.should_stop is not None and self.should_stop():
+            with self._lock:
+                self.stopped = max(self.stopped, number)
+            raise Cancelled("cancelled")
+
+    def end(self, number: int) -> None:
+        """A tile of pass ``number`` is done: count it and report (unless a later pass has begun)."""
+        if self.progress is None:
+            return
+        with self._lock:
+            if number != self.passes or number == self.stopped:  # a later compute began, or this one was stopped
+                return
+            self.done += 1
+            self.progress(self.done, self.total, f"tile {self.done}/{self.total}")
+
+
+def tqdm_progress(desc: str = "geosr") -> Progress:
+    """A progress callback drawing a ``tqdm.auto`` bar (a widget in notebooks), one bar per pass over the tiles."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        raise ConfigError("progress=True needs tqdm; install it (pip install tqdm) or pass a callback") from None
+    bar = None
+
+    def progress(done: int, total: int, message: str) -> None:
+        nonlocal bar
+        if bar is None or done == 0:
+            if bar is not None:
+                bar.close()
+            bar = tqdm(total=total, unit="tile", desc=desc)
+        bar.n = done
+        bar.set_postfix_str(message, refresh=False)
+        bar.refresh()
+        if done >= total:
+            bar.close()
+            bar = None
+
+    return progress
+
+
+def _pass_task(hooks: TileProgress) -> int:
+    return hooks.new_pass()
+
+
+def _tracked_tile_task(hooks: TileProgress, number: int, run: TileRun, tile, window: np.ndarray) -> TileResult:
+    """:func:`_tile_task` between ``hooks.begin()`` (cancel check) and ``hooks.end()`` (progress) in pass
+    ``number``."""
+    hooks.begin(number)
+    result = _tile_task(run, tile, window)
+    hooks.end(number)
+    return result
+
+
 def _piece_task(result: TileResult, ya: int, yb: int, xa: int, xb: int) -> TileResult:
     """A tile's result on one output cell ``[ya, yb) x [xa, xb)``, copied: once every cell has its piece the
     whole tile result is freed, and only the pieces of overlap cells wait for the cell's other tiles."""
@@ -124,19 +228,30 @@ def _input_array(scene: Scene):
 
 
 def enhance_lazy(scene: Scene, config: EnhanceConfig | None = None, *, model: SRModel | None = None,
-                 remote: bool = False) -> LazyEnhancement:
+                 remote: bool = False, progress: Progress | bool | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> LazyEnhancement:
     """The enhanced ``scene`` as a dask array; nothing beyond the model's ``begin_scene`` is computed now.
 
     ``array.compute()`` equals, bit for bit, what :func:`geosr.enhance_scene` writes for the same scene and
     ``config`` (and :func:`geosr.enhance_array` for an in-memory scene). ``model`` overrides ``config.model``
     with a model object (e.g. one built in a test). ``remote=True`` builds the graph for dask.distributed
     workers: the run key is then a task that builds the model on each worker once (:mod:`geosr.worker`).
+
+    ``progress`` (a callback ``(done, total, message)``, or True for a ``tqdm.auto`` bar) is called as tiles are
+    done while the array computes; ``should_stop()`` is asked before each tile and True raises
+    :class:`~geosr.scene.Cancelled` from the compute (see :class:`TileProgress`). Neither changes the output.
     """
     import dask.array as da
     from dask.base import tokenize
     from dask.highlevelgraph import HighLevelGraph
 
     config = config or EnhanceConfig()
+    if remote and (progress or should_stop is not None):
+        raise ConfigError("progress/should_stop: not for a distributed graph (its engine reports progress itself)")
+    if progress is True:
+        progress = tqdm_progress()
+    elif progress is not None and progress is not False and not callable(progress):
+        raise ConfigError(f"progress={progress!r}: give a callback (done, total, message), True for a bar, or None")
     run = prepare_run(scene, config, model, private=True)
     grid = run.grid
     pixels = _input_array(scene)
@@ -152,6 +267,12 @@ def enhance_lazy(scene: Scene, config: EnhanceConfig | None = None, *, model: SR
         gsd = float(np.mean(scene.gsd)) / config.scale if scene.georeferenced else None
         dsk[run_key] = remote_run_task(token, task_run, scene_overview(scene), gsd, config)
 
+    hooks = pass_key = None
+    if progress or should_stop is not None:
+        hooks = TileProgress(len(grid), progress or None, should_stop)
+        pass_key = f"geosr-pass-{token}-{id(hooks):x}"  # this array's own: another's hooks never run its pass
+        dsk[pass_key] = (_pass_task, hooks)
+
     # 1. one task per tile: its window assembled from the input chunks it overlaps, then the model
     bands_b, rows_b, cols_b = (np.cumsum((0,) + c) for c in pixels.chunks)
     for tile in grid.tiles():
@@ -165,7 +286,8 @@ def enhance_lazy(scene: Scene, config: EnhanceConfig | None = None, *, model: SR
                     places.append((b0, y0 - r0, x0 - c0, y0 - rows_b[ky], x0 - cols_b[kx], b1 - b0, y1 - y0, x1 - x0))
         window = (_window, keys, np.array(places, dtype=np.int64), (scene.count, r1 - r0, c1 - c0), scene.dtype,
                   rows - r0, cols - c0)
-        dsk[(tile_name, tile.row, tile.col)] = (_tile_task, run_key, tile, window)
+        dsk[(tile_name, tile.row, tile.col)] = ((_tile_task, run_key, tile, window) if hooks is None else
+                                                (_tracked_tile_task, hooks, pass_key, run_key, tile, window))
 
     # 2. one task per output cell (the chunks), from a piece of each of its tiles
     for p, (ya, yb, ycover) in enumerate(grid.rows.segments):

@@ -9,7 +9,7 @@ Read scene -> cut tiles -> run the model -> blend -> write, streamed tile by til
 4. every output cell whose last contributing tile is done is converted back to the input's value range and
    dtype, masked where the input was nodata, and handed to the writer, which writes each GeoTIFF block as
    soon as it is complete (``io.write``), and (``config.resume``, the default) written to the partial store beside
-   the output (``store``), so that the same call after a kill or crash skips the cells already done.
+   the output (``store``), so that the same call after a kill, crash or Ctrl-C skips the cells already done.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 
 from . import __version__
 from .config import EnhanceConfig
-from .errors import ConfigError, GeosrError
+from .errors import ConfigError, GeosrError, Terminated
 from .io.read import Scene, open_scene
 from .models import get_model
 from .models.base import SRModel
@@ -437,9 +437,10 @@ def enhance_scene(src, dst, config: EnhanceConfig | None = None, *, progress: Pr
 
     Resumable (``config.resume``, the default): each finished output cell is also written to the partial store
     beside the output (:mod:`geosr.store`), removed once ``dst`` is complete. A run that dies (``kill -9``, the
-    OOM killer, power loss, an unexpected exception) leaves it, and the same call again skips the cells in it.
-    A run stopped on purpose (``should_stop``, Ctrl-C, SIGTERM) or by a diagnosed error (:class:`GeosrError`:
-    unreadable input, full disk, ...) removes it: nothing is left behind, as without resume.
+    OOM killer, power loss, an unexpected exception) or is interrupted (Ctrl-C: ``KeyboardInterrupt``) leaves it
+    (when it holds a cell), and the same call again skips the cells in it. A run cancelled (``should_stop``, or
+    :class:`Terminated`: SIGTERM in the CLI) or stopped by a diagnosed error (:class:`GeosrError`: unreadable
+    input, full disk, ...) removes it: nothing is left behind, as without resume.
     """
     import rasterio
 
@@ -503,22 +504,25 @@ def enhance_scene(src, dst, config: EnhanceConfig | None = None, *, progress: Pr
                         raise RuntimeError("output blocks left unwritten")
                     if cells is not None:
                         cells.close()  # every cell in place (or its write error raised) before the rename
-        except (GeosrError, KeyboardInterrupt):  # stopped on purpose or a diagnosed error: leave nothing
+        except (GeosrError, Terminated):  # cancelled or a diagnosed error: leave nothing
             if cells is not None:
                 cells.abort()
             if store is not None:
                 store.remove()
             raise
-        except BaseException:
+        except BaseException as err:  # died, or Ctrl-C: keep the finished cells to resume
             if cells is not None:
-                cells.abort()
+                cells.abort()  # returns once the cell being written is in place (or dropped)
             if store is not None:
                 kept = store.count()
-                if kept:
+                if not kept:
+                    store.remove()
+                elif isinstance(err, KeyboardInterrupt):  # the caller was there: the CLI says it in one line
+                    log.info("interrupted: %d finished output cells are kept in %s: rerun the same command to "
+                             "resume", kept, store.path)
+                else:
                     log.warning("%d finished output cells are kept in %s: rerun the same command to resume",
                                 kept, store.path)
-                else:
-                    store.remove()
             raise
         if store is not None:
             store.remove()

@@ -269,6 +269,20 @@ class CellWriter:
         self._stop()
 
 
+def kept_cells(dst: Path) -> tuple[int, int | None] | None:
+    """What the partial store of output ``dst`` holds: ``(finished cells, the output's cells)`` (the latter None if
+    its settings are unreadable); None when there is no store."""
+    path = store_path(dst)
+    if not path.is_dir():
+        return None
+    try:
+        p, q = json.loads((path / META).read_text())["settings"]["output"]["cells"]
+        total = int(p) * int(q)
+    except (OSError, ValueError, KeyError, TypeError):
+        total = None
+    return PartialStore(path, "").count(), total
+
+
 def needed_tiles(grid, done: set[tuple[int, int]]) -> set[tuple[int, int]]:
     """The tiles ``(row, col)`` that the cells ``(p, q)`` not in ``done`` need (every tile when none is done)."""
     rows, cols = grid.rows.segments, grid.cols.segments

@@ -155,3 +155,26 @@ def test_score_matches_score_scene_on_files(data, tmp_path):
     assert result.maps["map"].shape == (240, 350)
     with pytest.raises(ConfigError, match="lr=None"):
         sr.geosr.score(lr=None)
+
+
+def test_enhance_reports_progress_and_stops_on_should_stop(data, tmp_path):
+    import rioxarray
+
+    from geosr.scene import Cancelled
+
+    values = _cli(data / ZURICH, tmp_path / "cli.tif", model="bicubic", scale=2, tile=48)[0]
+    da = rioxarray.open_rasterio(data / ZURICH, chunks={"x": 64, "y": 64})
+    seen = []
+    out = da.geosr.enhance(scale=2, model="bicubic", tile=48, threads=1,
+                           progress=lambda d, t, m: seen.append((d, t)))
+    assert seen == []  # lazy: nothing ran yet
+    assert out.values.tobytes() == values.tobytes()  # the callback changes no bit
+    total = seen[-1][1]
+    assert total >= 6 and seen == [(k, total) for k in range(total + 1)]
+
+    ran = []
+    stopping = da.geosr.enhance(scale=2, model="bicubic", tile=48, threads=1,
+                                progress=lambda d, t, m: ran.append(d), should_stop=lambda: len(ran) > 2)
+    with pytest.raises(Cancelled, match="cancelled"):
+        stopping.compute(scheduler="synchronous")
+    assert ran == [0, 1, 2]  # two tiles, then the stop before the third

@@ -216,10 +216,14 @@ def test_progress_json_lines_on_stderr(run_cli, data, tmp_path):
     assert proc.stdout.startswith("wrote ")
 
 
-def test_sigterm_stops_like_ctrl_c_and_leaves_nothing(data, tmp_path):
+def test_sigterm_stops_and_leaves_nothing_not_even_the_partial_store(data, tmp_path):
+    """SIGTERM (the QGIS plugin's Cancel) exits like Ctrl-C (130) but, unlike Ctrl-C (test_resume.py), removes the
+    partial store too."""
     import json
 
     from conftest import GEOSR
+
+    from geosr.store import store_path
 
     out = tmp_path / "o.tif"
     proc = subprocess.Popen([GEOSR, "enhance", str(data / "scenes" / "zurich_0p5m_rgb.tif"), "-o", str(out), "-m",
@@ -231,6 +235,7 @@ def test_sigterm_stops_like_ctrl_c_and_leaves_nothing(data, tmp_path):
             if line.startswith("{") and json.loads(line)["done"] >= 3:
                 break
         assert list(tmp_path.glob(".o.tif.*.geosr-part*")), "no partial output while working"
+        assert store_path(out).is_dir(), "no partial store while working"
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -229,3 +230,84 @@ def test_torch_models_pickle_without_weights_and_load_once_per_process():
     assert copy._net is None  # the weights do not travel
     copy.prepare()
     assert copy._net is model._net  # this process loaded them once
+
+
+# ------------------------------------------------------------------------------------------ progress and cancel
+
+
+def _landsat(data, tmp_path, **kw):
+    src = data / "fixtures/landsat7_bahamas_300m_rgb.tif"
+    config = EnhanceConfig(model="bicubic", tile=128, scale=2, threads=1, **kw)
+    enhance_scene(src, tmp_path / "cli.tif", config)
+    with rasterio.open(tmp_path / "cli.tif") as ds:
+        return src, config, ds.read()
+
+
+@pytest.mark.parametrize("scheduler", ["threads", "synchronous"])
+def test_progress_counts_every_tile_once_per_compute_and_keeps_the_bits(data, tmp_path, scheduler):
+    src, config, expected = _landsat(data, tmp_path)
+    seen = []
+    lazy = enhance_lazy(open_source(src), config, progress=lambda d, t, m: seen.append((d, t, m)))
+    total = len(lazy.grid)
+    assert total >= 9 and seen == []  # building runs no tile, reports nothing
+    assert lazy.array.compute(scheduler=scheduler).tobytes() == expected.tobytes()
+    assert seen == [(0, total, "starting")] + [(k, total, f"tile {k}/{total}") for k in range(1, total + 1)]
+    seen.clear()  # a window runs only its tiles: its count stops short of the total
+    assert lazy.array[:, :40, :40].compute(scheduler=scheduler).shape == (3, 40, 40)
+    assert seen == [(0, total, "starting"), (1, total, f"tile 1/{total}")]
+    seen.clear()  # each compute is a new pass: counted from 0 again
+    assert lazy.array.compute(scheduler=scheduler).tobytes() == expected.tobytes()
+    assert [d for d, _, _ in seen] == list(range(total + 1))
+    plain = enhance_lazy(open_source(src), config)
+    assert plain.array.name == lazy.array.name  # the hooks change no key
+
+
+def test_should_stop_cancels_the_compute_before_the_remaining_tiles(data, tmp_path):
+    import geosr.lazy as lazy_mod
+    from geosr.scene import Cancelled
+
+    src, config, expected = _landsat(data, tmp_path)
+    ran, seen, stop = [], [], [True]
+    real = lazy_mod._tile_task
+
+    def counting(run, tile, window):
+        ran.append((tile.row, tile.col))
+        return real(run, tile, window)
+
+    lazy_mod._tile_task = counting
+    try:
+        lazy = enhance_lazy(open_source(src), config, progress=lambda d, t, m: seen.append(d),
+                            should_stop=lambda: stop[0] and len(seen) > 3)  # after 3 tiles ("starting" + 3)
+        total = len(lazy.grid)
+        pool = ThreadPoolExecutor(2)  # dask's threads, but waited for: tiles in flight at the stop end in it
+        with pytest.raises(Cancelled):
+            lazy.array.compute(scheduler="threads", pool=pool)
+        pool.shutdown(wait=True)
+        assert 3 <= len(ran) < total  # the model ran for fewer tiles than the scene has
+        # a tile that began before the stop was seen may still report; none after it (at most 2 threads)
+        assert seen == list(range(len(seen))) and 4 <= len(seen) <= 5
+        ran.clear(), seen.clear()
+        with pytest.raises(Cancelled):
+            lazy.array.compute(scheduler="synchronous")
+        assert len(ran) == 3 and seen == [0, 1, 2, 3]  # one tile at a time: exactly 3, then the stop
+        ran.clear(), seen.clear()
+        stop[0] = False  # the same array computes in full once should_stop says go on
+        assert lazy.array.compute().tobytes() == expected.tobytes()
+    finally:
+        lazy_mod._tile_task = real
+    assert len(ran) == total and seen == list(range(total + 1))
+
+
+def test_progress_true_draws_a_tqdm_bar_and_bad_values_are_refused(data, tmp_path, capsys):
+    from geosr.errors import ConfigError
+
+    src, config, expected = _landsat(data, tmp_path)
+    lazy = enhance_lazy(open_source(src), config, progress=True)
+    assert lazy.array.compute().tobytes() == expected.tobytes()
+    err = capsys.readouterr().err  # outside a notebook tqdm.auto is the terminal bar, on stderr
+    total = len(lazy.grid)
+    assert f"{total}/{total}" in err and f"tile {total}/{total}" in err
+    with pytest.raises(ConfigError, match="progress='yes': give a callback"):
+        enhance_lazy(open_source(src), config, progress="yes")
+    with pytest.raises(ConfigError, match="not for a distributed graph"):
+        enhance_lazy(open_source(src), config, remote=True, should_stop=lambda: False)

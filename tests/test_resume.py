@@ -1,7 +1,7 @@
 """Resuming the default (in-process) run: a plain ``geosr enhance`` keeps finished cells in the partial store
-(geosr.store) until the GeoTIFF is complete, so after ``kill -9`` or a crash the same command resumes, with the
-same bits; a stop on purpose or a diagnosed error leaves nothing; ``--no-resume`` writes no store. And the
-store's compressed cells round-trip bit for bit."""
+(geosr.store) until the GeoTIFF is complete, so after ``kill -9``, a crash or Ctrl-C the same command resumes, with
+the same bits; a cancel (``should_stop``, SIGTERM) or a diagnosed error leaves nothing; ``--no-resume`` writes no
+store. And the store's compressed cells round-trip bit for bit."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import rasterio
 from affine import Affine
 
 from geosr.config import EnhanceConfig
-from geosr.errors import ConfigError, OutputError
+from geosr.errors import ConfigError, OutputError, Terminated
 from geosr.scene import Cancelled, enhance_scene
 from geosr.store import PartialStore, store_path
 
@@ -138,7 +138,79 @@ def test_crash_keeps_the_store_and_rerun_resumes(synthetic, tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.tif"]
 
 
-def test_stop_and_diagnosed_errors_leave_nothing(synthetic, tmp_path, monkeypatch):
+def _interrupting(real, at: int, exc):
+    calls = {"n": 0}
+
+    def run_model(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == at:
+            raise exc
+        return real(*a, **k)
+
+    return run_model
+
+
+def test_ctrl_c_keeps_the_store_sigterm_removes_it(synthetic, tmp_path, monkeypatch):
+    """In the library: a KeyboardInterrupt (Ctrl-C) keeps the finished cells, as a crash does; Terminated (the
+    CLI's SIGTERM, QGIS's Cancel) leaves nothing; a Ctrl-C before any cell is finished leaves nothing either."""
+    import geosr.scene as scene_mod
+
+    src, expected, meta = synthetic
+    dst = tmp_path / "out.tif"
+    real = scene_mod._run_model
+    monkeypatch.setattr(scene_mod, "_run_model", _interrupting(real, 40, Terminated()))
+    with pytest.raises(KeyboardInterrupt):
+        enhance_scene(src, dst, EnhanceConfig(**SYN))
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(scene_mod, "_run_model", _interrupting(real, 1, KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        enhance_scene(src, dst, EnhanceConfig(**SYN))
+    assert list(tmp_path.iterdir()) == []  # no cell finished: an empty store is not kept
+    monkeypatch.setattr(scene_mod, "_run_model", _interrupting(real, 40, KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        enhance_scene(src, dst, EnhanceConfig(**SYN))
+    kept = _cells(dst)
+    assert 0 < kept < CELLS and not dst.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [store_path(dst).name]  # the temporary GeoTIFF went
+    monkeypatch.setattr(scene_mod, "_run_model", real)
+    result = enhance_scene(src, dst, EnhanceConfig(**SYN))
+    assert result.resumed_cells == kept and _read(dst) == (expected, meta)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.tif"]
+
+
+def test_plain_enhance_ctrl_c_keeps_the_store_says_so_and_rerun_resumes_bit_identical(synthetic, tmp_path):
+    src, expected, meta = synthetic
+    dst = tmp_path / "out.tif"
+    cmd = _cli("enhance", src, "-o", dst, "--model", SYN["model"], "--tile", SYN["tile"], "--scale", SYN["scale"],
+               "-q")  # the default in-process stream
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # Python's Ctrl-C
+    try:
+        deadline = time.monotonic() + 120
+        while _cells(dst) < 20 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    kept = _cells(dst)
+    assert 20 <= kept < CELLS, f"Ctrl-C landed outside the run ({kept} of {CELLS} cells)"
+    assert err.strip().splitlines() == [f"geosr: interrupted: {kept} of {CELLS} output cells kept in "
+                                        f"{store_path(dst)}; rerun the same command to resume (or delete that "
+                                        "folder to start over)"]
+    assert out == "" and not dst.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [store_path(dst).name]  # no temporary GeoTIFF left
+
+    rerun = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resumed: {kept} output cells were already done" in rerun.stdout
+    assert _read(dst) == (expected, meta)  # = the uninterrupted run without a store (resume=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.tif"]
+
+
+def test_cancel_and_diagnosed_errors_leave_nothing(synthetic, tmp_path, monkeypatch):
     import geosr.scene as scene_mod
 
     src = synthetic[0]
@@ -269,7 +341,7 @@ def test_every_cell_done_runs_no_tile(synthetic, tmp_path, monkeypatch):
 
 def test_sigterm_of_a_dask_run_says_the_cells_are_kept(synthetic, tmp_path):
     """In-process runs remove their store on SIGTERM ("nothing was written", test_cli); dask runs keep it, and
-    the CLI says so instead."""
+    the CLI says so instead, as for a Ctrl-C of an in-process run."""
     pytest.importorskip("dask")
     src = synthetic[0]
     dst = tmp_path / "out.tif"
@@ -286,6 +358,8 @@ def test_sigterm_of_a_dask_run_says_the_cells_are_kept(synthetic, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, err
-    assert err.strip().splitlines() == [f"geosr: interrupted; the finished cells are kept in {store_path(dst)}: "
-                                        "rerun the same command to resume"]
-    assert 20 <= _cells(dst) < CELLS and not dst.exists()
+    kept = _cells(dst)
+    assert err.strip().splitlines() == [f"geosr: interrupted: {kept} of {CELLS} output cells kept in "
+                                        f"{store_path(dst)}; rerun the same command to resume (or delete that "
+                                        "folder to start over)"]
+    assert 20 <= kept < CELLS and not dst.exists()
