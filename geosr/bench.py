@@ -28,7 +28,22 @@ CROPS = (
     ("vegas_img0_0p3m_rgba.tif", (50, 750)),
     ("rotterdam_pan_0p5m.tif", (44, 44)),
 )
-DEFAULT_METHODS = ("bicubic", "rrdn-gan", "realesrgan-x4plus")
+ANCHORS = ("bicubic", "rrdn-gan", "realesrgan-x4plus")  # run as published: no LR-consistency projection
+DEFAULT_METHODS = ANCHORS + ("default",)  # "default": what a plain `geosr enhance` runs, with its own settings
+
+
+def method_config(name: str, base: EnhanceConfig | None = None) -> EnhanceConfig:
+    """The run settings of one benchmark method: an anchor as published (``consistency=0`` unless ``base`` sets
+    it), ``"default"`` as a plain ``geosr enhance`` runs, any other model name with its own defaults."""
+    from dataclasses import replace
+
+    base = base or EnhanceConfig()
+    if name == "default":
+        return replace(base, model=None, scale=SCALE)
+    config = replace(base, model=name, scale=SCALE)
+    if name in ANCHORS and base.consistency is None:
+        config = replace(config, consistency=0.0)
+    return config
 
 
 @dataclass
@@ -135,7 +150,7 @@ def run_bench(methods=None, degradations=("clean", "real"), *, lpips: bool = Tru
     """Score ``methods`` (model names) and ``variants`` (label -> EnhanceConfig) on the protocol's crops."""
     from .models import get_model
 
-    configs = {m: EnhanceConfig(model=m, scale=SCALE) for m in (methods or ([] if variants else DEFAULT_METHODS))}
+    configs = {m: method_config(m) for m in (methods or ([] if variants else DEFAULT_METHODS))}
     configs.update(variants or {})
     methods = list(configs)
     for config in configs.values():

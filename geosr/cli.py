@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("names", nargs="*", help="which (default: all)")
 
     p = sub.add_parser("bench", help="the quality protocol of BENCHMARK.md, anchors in the same run")
-    p.add_argument("--methods", default=None, help="comma-separated models (default: bicubic,rrdn-gan,realesrgan-x4plus)")
+    p.add_argument("--methods", default=None, help="comma-separated models; 'default' is what a plain `geosr enhance` runs (default: "
+                        "bicubic,rrdn-gan,realesrgan-x4plus as published, and default)")
     p.add_argument("--degradations", default="clean,real", help="clean, real or both")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
@@ -379,15 +380,11 @@ def _cmd_weights(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from .bench import format_table, run_bench
-
-    from dataclasses import replace
-
-    from .bench import DEFAULT_METHODS, SCALE
+    from .bench import DEFAULT_METHODS, format_table, method_config, run_bench
 
     base = _config(args)  # the diffusion flags (checkpoint, steps, guidance, ...) apply to mmsr
     methods = args.methods.split(",") if args.methods else list(DEFAULT_METHODS)
-    variants = {m: replace(base, model=m, scale=SCALE) for m in methods}
+    variants = {m: method_config(m, base) for m in methods}
     results = run_bench(degradations=args.degradations.split(","), lpips=not args.no_lpips, json_path=args.json,
                         variants=variants)
     print(format_table(results))

@@ -24,8 +24,9 @@ def _registry(device: str) -> dict[str, SRModel]:
         "nearest": Replicate(),
         "rrdn-gan": TorchSR(
             name="rrdn-gan", filename="rrdn_gan_x4.safetensors", module="geosr.models.tfjs",
-            receptive_field=20, default_tile=256, device=device,
-            description="idealo RRDN-GAN x4 (DIV2K), from the @upscalerjs/models npm package"),
+            receptive_field=20, default_tile=256, device=device, consistency=1.0,
+            description="idealo RRDN-GAN x4 (DIV2K), from the @upscalerjs/models npm package; output projected "
+                        "onto its input (--consistency 1)"),
         "realesrgan-x4plus": TorchSR(
             name="realesrgan-x4plus", filename="realesrgan_x4plus.safetensors", module="geosr.models.ncnn",
             receptive_field=48, default_tile=384, device=device,

@@ -25,7 +25,10 @@ class SRModel(ABC):
     # "cut" measured better on BENCHMARK.md: RRDN-GAN 27.56 vs 27.44 dB PSNR-Y, bicubic 27.27 vs 27.25.
     edge: str = "cut"
     description: str = ""
-    consistency: float = 0.0  # default LR-consistency projection strength (0: the output as the network made it)
+    # LR-consistency projection strength of the current run; default_consistency is the model's own default
+    # (0: the output as the network made it)
+    consistency: float = 0.0
+    default_consistency: float = 0.0
     reads_geodata: bool = False  # takes the user's DSM / land cover / vectors (EnhanceConfig dsm, landcover, vectors)
 
     @abstractmethod
@@ -41,7 +44,7 @@ class SRModel(ABC):
         Every model takes ``config.consistency``: the strength of the LR-consistency projection the engine applies
         to its output (:mod:`geosr.models.consistency`); None keeps the model's class default."""
         strength = getattr(config, "consistency", None)
-        self.consistency = type(self).consistency if strength is None else float(strength)
+        self.consistency = self.default_consistency if strength is None else float(strength)
         if not 0.0 <= self.consistency <= 1.0:
             from ..errors import ConfigError
 

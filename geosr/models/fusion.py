@@ -45,14 +45,15 @@ class _Block(nn.Module):
 class FusionNet(nn.Module):
     """``forward(lr (B,3,h,w), experts (B,3·len(EXPERTS),4h,4w))`` -> ``(B,3,4h,4w)``; all in [0, 1] scale."""
 
-    def __init__(self, features: int = 64, blocks: int = 6):
+    def __init__(self, features: int = 64, blocks: int = 6, residual: bool = True):
         super().__init__()
         k = len(EXPERTS) + 1  # + bicubic
-        self.k = k
+        self.k, self.residual = k, residual
         s2 = SCALE * SCALE
         self.inp = nn.Conv2d(3 + 3 * k * s2, features, 3, padding=1)
         self.body = nn.Sequential(*[_Block(features) for _ in range(blocks)])
-        self.head = nn.Conv2d(features, (3 + k) * s2, 3, padding=1)
+        # per output px: k mixing logits, and (residual) a 3-channel correction
+        self.head = nn.Conv2d(features, ((3 if residual else 0) + k) * s2, 3, padding=1)
         nn.init.zeros_(self.head.weight)  # starts as the plain mean of the candidates
         nn.init.zeros_(self.head.bias)
 
@@ -63,10 +64,11 @@ class FusionNet(nn.Module):
         x = torch.cat([lr, F.pixel_unshuffle(cands, SCALE)], 1)
         x = self.inp(x)
         x = self.head(F.leaky_relu(self.body(x), 0.1))
-        x = F.pixel_shuffle(x, SCALE)  # (B, 3 + k, H, W)
-        weights = torch.softmax(x[:, 3:], 1)  # (B, k, H, W)
+        x = F.pixel_shuffle(x, SCALE)  # (B, [3 +] k, H, W): the correction first, then the mixing logits
+        r = 3 if self.residual else 0
+        weights = torch.softmax(x[:, r:], 1)  # (B, k, H, W)
         mixed = (cands.view(b, self.k, 3, h * SCALE, w * SCALE) * weights[:, :, None]).sum(1)
-        return mixed + x[:, :3]
+        return mixed + x[:, :3] if self.residual else mixed
 
 
 # ------------------------------------------------------------------------------------- the SRModel
@@ -81,10 +83,10 @@ class FusionSR(SRModel):
     name = "aerial-x4"
     scales = (4,)
     channels = 3
-    receptive_field = 64  # Real-ESRGAN's 48 input px plus the fusion network's own context
-    default_tile = 256
+    receptive_field = 56  # Real-ESRGAN's 48 input px plus a little of the fusion network's own context
+    default_tile = 512
     edge = "cut"
-    consistency = 0.0
+    consistency = default_consistency = 0.5  # measured best for it on BENCHMARK.md (MODEL_CARD.md)
     description = ("geosr aerial x4 stage 1: RRDN-GAN and Real-ESRGAN x4plus fused per pixel by a network trained "
                    "by geosr on data/train")
 

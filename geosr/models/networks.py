@@ -37,8 +37,9 @@ class TorchSR(SRModel):
     scales = (4,)
 
     def __init__(self, *, name: str, filename: str, module: str, receptive_field: int, default_tile: int,
-                 description: str, edge: str = "cut", device: str = "cpu"):
+                 description: str, edge: str = "cut", device: str = "cpu", consistency: float = 0.0):
         self.name, self.filename, self.module, self.edge = name, filename, module, edge
+        self.consistency = self.default_consistency = consistency  # LR-consistency projection (see SRModel)
         self.receptive_field, self.default_tile, self.description = receptive_field, default_tile, description
         self.device = device
         self._net = None

@@ -48,6 +48,7 @@ class Stage1Config:
     lpips_weight: float = 0.5
     features: int = 64
     blocks: int = 6
+    residual: bool = True  # False: the network only mixes the candidates (no correction of its own)
     seed: int = 0
 
 
@@ -144,7 +145,7 @@ def train_fusion(out: str | Path, cfg: Stage1Config, progress=None, init: str | 
     out = Path(out)
     torch.manual_seed(cfg.seed)
     hr, lr, ex = _load_pairs(out / "pairs")
-    net = FusionNet(features=cfg.features, blocks=cfg.blocks)
+    net = FusionNet(features=cfg.features, blocks=cfg.blocks, residual=cfg.residual)
     done = 0
     if init is not None:
         from safetensors import safe_open
@@ -187,7 +188,8 @@ def train_fusion(out: str | Path, cfg: Stage1Config, progress=None, init: str | 
         if progress:
             progress(step, cfg.steps)
     log_path.close()
-    meta = {"config": json.dumps(asdict(cfg)), "net": json.dumps({"features": cfg.features, "blocks": cfg.blocks}),
+    arch = {"features": cfg.features, "blocks": cfg.blocks, "residual": cfg.residual}
+    meta = {"config": json.dumps(asdict(cfg)), "net": json.dumps(arch),
             "trained_steps": str(done + cfg.steps), "pairs": str(n),
             "geosr_version": __version__}
     path = out / "fusion.safetensors"

@@ -180,7 +180,7 @@ class MMSRModel(SRModel):
             if strength is None:
                 self.strength = float(recommended.get("strength", 1.0))
             if getattr(config, "consistency", None) is None:
-                self.consistency = float(recommended.get("consistency", type(self).consistency))
+                self.consistency = float(recommended.get("consistency", self.default_consistency))
             known = set(self._bundle.pipeline.conditioner.keys)
             unknown = sorted(set(self.temperatures) - known)
             if unknown:
