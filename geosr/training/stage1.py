@@ -120,7 +120,7 @@ def _load_pairs(folder: Path):
     import torch
 
     hr, lr, ex = [], [], []
-    for p in sorted(folder.glob("[0-9]*.npz")):
+    for p in sorted(folder.glob("[0-9]*[0-9].npz")):  # not the .tmp.npz of an interrupted pair
         z = np.load(p)
         hr.append(np.moveaxis(z["hr"], -1, 0))
         lr.append(np.moveaxis(z["lr"], -1, 0))
