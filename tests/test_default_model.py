@@ -1,5 +1,5 @@
-"""What a plain run uses (issue 6, so far): RRDN-GAN with the LR-consistency projection; geosr's trained stage 1
-(aerial-x4) is committed, shows its provenance, and its weights reproduce a stored output."""
+"""What a plain run uses (issue 6, so far): geosr's trained stage 1 (aerial-x4) with the LR-consistency projection;
+it is committed, shows its provenance, and its weights reproduce a stored output. RRDN-GAN projects by default too."""
 
 from pathlib import Path
 
@@ -33,22 +33,22 @@ def _run(**settings) -> np.ndarray:
 
 @pytest.mark.skipif(not (get_model("rrdn-gan").weights_present() and FIXTURE.is_file()),
                     reason="RRDN-GAN weights or the fixture missing")
-def test_a_plain_run_projects_onto_its_input_and_the_anchor_can_run_as_published():
-    assert DEFAULT_MODEL == "rrdn-gan"
+def test_rrdn_gan_projects_onto_its_input_and_can_run_as_published():
     lr = _input()
-    plain, raw = _run(), _run(model="rrdn-gan", consistency=0.0)
+    plain, raw = _run(model="rrdn-gan"), _run(model="rrdn-gan", consistency=0.0)
     hwc = lambda a: np.moveaxis(a, 0, -1)  # noqa: E731
     assert lr_consistency(hwc(plain), hwc(lr)) > lr_consistency(hwc(raw), hwc(lr)) + 10
     assert np.abs(plain.astype(int) - raw.astype(int)).mean() < 3  # a correction, not another image
 
 
-def test_the_trained_stage1_is_committed_and_listed(run_cli):
+def test_the_trained_stage1_is_the_default_committed_and_listed(run_cli):
+    assert DEFAULT_MODEL == "aerial-x4" and get_model().name == "aerial-x4"
     assert WEIGHTS.is_file() and WEIGHTS.stat().st_size < 5_000_000
     prov = get_model("aerial-x4").provenance()
     assert "committed with geosr" in prov["registry"] and int(prov["trained_steps"]) > 0
     proc = run_cli("models")
     assert proc.returncode == 0, proc.stderr
-    assert next(ln for ln in proc.stdout.splitlines() if ln.startswith("rrdn-gan")).endswith("[default]")
+    assert next(ln for ln in proc.stdout.splitlines() if ln.startswith("aerial-x4")).endswith("[default]")
     assert "geosr-trained:aerial-fusion-x4" in proc.stdout
 
 
@@ -56,7 +56,7 @@ def test_the_trained_stage1_is_committed_and_listed(run_cli):
 @pytest.mark.skipif(not (experts_present and FIXTURE.is_file()), reason="expert weights or the fixture missing")
 def test_committed_stage1_weights_reproduce_the_stored_output():
     stored = np.load(SLICE)
-    out = _run(model="aerial-x4")
+    out = _run()  # the default model with its own settings
     assert out.shape == tuple(stored["shape"])
     diff = np.abs(out[:, 64:128, 64:128].astype(np.int16) - stored["slice"].astype(np.int16))
     # the same bits on this kind of machine; a last-bit float difference elsewhere may move a pixel by 1
