@@ -73,3 +73,16 @@ def texture(shape, dtype="uint8", seed=0, lo=0, hi=255):
     v = (v - v.min()) / (v.max() - v.min() + 1e-12)
     v = lo + v * (hi - lo)
     return np.round(v).astype(dtype) if np.dtype(dtype).kind in "iu" else v.astype(dtype)
+
+
+def write_synthetic_scene(path: Path) -> Path:
+    """A 1024² 3-band uint8 GeoTIFF (EPSG:32632, 0.5 m, nodata 0) with texture: the input of the resume and
+    distributed tests."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:1024, 0:1024]
+    base = 120 + 60 * np.sin(xx / 17.0) * np.cos(yy / 23.0)
+    data = np.clip(base[None] + rng.normal(0, 25, (3, 1024, 1024)), 0, 255).astype("uint8")
+    with rasterio.open(path, "w", driver="GTiff", height=1024, width=1024, count=3, dtype="uint8", crs="EPSG:32632",
+                       transform=Affine(0.5, 0, 500000, 0, -0.5, 5200000), tiled=True, nodata=0) as ds:
+        ds.write(data)
+    return path

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from affine import Affine
+
+from conftest import write_synthetic_scene
 
 from geosr.config import EnhanceConfig
 from geosr.errors import ConfigError
@@ -41,14 +42,7 @@ def _read(path: Path) -> tuple[bytes, dict]:
 def synthetic(tmp_path_factory):
     """(input path, reference output bytes and metadata from the default in-process run)."""
     folder = tmp_path_factory.mktemp("syn")
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:1024, 0:1024]
-    base = 120 + 60 * np.sin(xx / 17.0) * np.cos(yy / 23.0)
-    data = np.clip(base[None] + rng.normal(0, 25, (3, 1024, 1024)), 0, 255).astype("uint8")
-    src = folder / "syn.tif"
-    with rasterio.open(src, "w", driver="GTiff", height=1024, width=1024, count=3, dtype="uint8", crs="EPSG:32632",
-                       transform=Affine(0.5, 0, 500000, 0, -0.5, 5200000), tiled=True, nodata=0) as ds:
-        ds.write(data)
+    src = write_synthetic_scene(folder / "syn.tif")
     ref = folder / "ref.tif"
     enhance_scene(src, ref, EnhanceConfig(**SYN))
     return src, *_read(ref)
