@@ -49,6 +49,9 @@ class Stage1Config:
     features: int = 64
     blocks: int = 6
     residual: bool = True  # False: the network only mixes the candidates (no correction of its own)
+    augment: bool = True  # a random flip and 90-degree turn per step (the experts are close to equivariant)
+    holdout: int = 0  # the last N pairs are not trained on; their L1 / LPIPS are logged every `snapshot` steps
+    snapshot: int = 0  # > 0: also save fusion-STEP.safetensors every that many steps
     seed: int = 0
 
 
@@ -135,9 +138,7 @@ def train_fusion(out: str | Path, cfg: Stage1Config, progress=None, init: str | 
     ``init``: start from these weights (a file written by this function) and add ``cfg.steps`` steps to its
     record; the training log is appended to."""
     import torch
-    from safetensors.torch import save_file
 
-    from .. import __version__
     from ..config import weights_dir
     from ..models.fusion import FusionNet
     from ..scoring.lpips import FILENAME, LPIPS
@@ -145,6 +146,9 @@ def train_fusion(out: str | Path, cfg: Stage1Config, progress=None, init: str | 
     out = Path(out)
     torch.manual_seed(cfg.seed)
     hr, lr, ex = _load_pairs(out / "pairs")
+    if cfg.holdout:
+        held = (hr[-cfg.holdout:], lr[-cfg.holdout:], ex[-cfg.holdout:])
+        hr, lr, ex = hr[:-cfg.holdout], lr[:-cfg.holdout], ex[:-cfg.holdout]
     net = FusionNet(features=cfg.features, blocks=cfg.blocks, residual=cfg.residual)
     done = 0
     if init is not None:
@@ -167,6 +171,9 @@ def train_fusion(out: str | Path, cfg: Stage1Config, progress=None, init: str | 
         h = hr[idx, :, oy:oy + crop, ox:ox + crop]
         e = ex[idx, :, oy:oy + crop, ox:ox + crop]
         low = lr[idx, :, oy // SCALE:(oy + crop) // SCALE, ox // SCALE:(ox + crop) // SCALE]
+        if cfg.augment:
+            v = int(torch.randint(0, 8, (1,), generator=g))
+            h, e, low = (_dihedral(a, v % 4, v >= 4) for a in (h, e, low))
         pred = net(low, e)
         l1 = (pred - h).abs().mean()
         loss = l1
@@ -179,22 +186,57 @@ def train_fusion(out: str | Path, cfg: Stage1Config, progress=None, init: str | 
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         sched.step()
-        if step % 25 == 0 or step == cfg.steps:
+        at_snapshot = bool(cfg.snapshot) and step % cfg.snapshot == 0
+        if step % 25 == 0 or step == cfg.steps or at_snapshot:
             entry = {"step": done + step, "l1": float(l1.detach()), "lpips": float(lp.detach()),
                      "seconds": time.perf_counter() - t0}
+            if cfg.holdout and (at_snapshot or step == cfg.steps):
+                entry["holdout_l1"], entry["holdout_lpips"] = _evaluate(net, held, lpips)
             log_path.write(json.dumps(entry) + "\n")
             log_path.flush()
             log.info("stage-1 step %d/%d  l1 %.4f  lpips %.4f", step, cfg.steps, entry["l1"], entry["lpips"])
+        if at_snapshot and step < cfg.steps:
+            _save(net, cfg, done + step, n, out / f"fusion-{done + step}.safetensors")
         if progress:
             progress(step, cfg.steps)
     log_path.close()
+    return _save(net, cfg, done + cfg.steps, n, out / "fusion.safetensors")
+
+
+def _save(net, cfg: Stage1Config, steps: int, n: int, path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    from .. import __version__
+
     arch = {"features": cfg.features, "blocks": cfg.blocks, "residual": cfg.residual}
-    meta = {"config": json.dumps(asdict(cfg)), "net": json.dumps(arch),
-            "trained_steps": str(done + cfg.steps), "pairs": str(n),
-            "geosr_version": __version__}
-    path = out / "fusion.safetensors"
+    meta = {"config": json.dumps(asdict(cfg)), "net": json.dumps(arch), "trained_steps": str(steps),
+            "pairs": str(n), "geosr_version": __version__}
     save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(path), metadata=meta)
     return path
+
+
+def _dihedral(a, k: int, flip: bool):
+    """One of the 8 flips/turns of a ``(B, C, H, W)`` tensor."""
+    import torch
+
+    a = torch.flip(a, (-1,)) if flip else a
+    return torch.rot90(a, k, (-2, -1)) if k else a
+
+
+def _evaluate(net, held, lpips) -> tuple[float, float]:
+    """Mean L1 and LPIPS of ``net`` on held-out pairs (whole pairs, one at a time)."""
+    import torch
+
+    l1s, lps = [], []
+    net.eval()
+    with torch.no_grad():
+        for h, low, e in zip(*held):
+            pred = net(low[None], e[None])
+            l1s.append(float((pred - h[None]).abs().mean()))
+            if lpips is not None:
+                lps.append(float(lpips(pred * 2 - 1, h[None] * 2 - 1).mean()))
+    net.train()
+    return float(np.mean(l1s)), float(np.mean(lps)) if lps else float("nan")
 
 
 def add_priors(out: str | Path, weights: str | Path) -> int:
