@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         "rerunning the same command after a kill or crash skips them (a run with other settings is refused; "
         "--restart discards it). Ctrl-C keeps it too, to resume. SIGTERM (the QGIS plugin's Cancel) and diagnosed "
         "errors (bad input, full disk) remove it: nothing is left. Without --scheduler/--workers the run streams "
-        "in-process (the default); with one of them it runs on dask, and a SIGTERM keeps the cells for a rerun too.")
+        "in-process (the default); with one of them it runs on dask, and a SIGTERM keeps the cells for a rerun too. "
+        "One run per output: a run holds OUT.geosr-lock while it works, and a second one is refused (a lock left by "
+        "a killed run is taken over).")
     g.add_argument("--scheduler", default=None, metavar="threads|tcp://HOST:PORT",
                    help="'threads': dask's local threaded scheduler; an address: an existing dask.distributed "
                         "cluster (the input, output folder and weights must be visible to its workers)")

@@ -1,6 +1,7 @@
 """Scaling out and surviving faults: ``enhance_scene``'s engine when ``scheduler`` or ``workers`` is set.
 
-1. open the scene and build the lazy graph (:mod:`geosr.lazy`: one task per tile, one per output cell, keys
+1. take the output's lock (:class:`geosr.io.write.OutputLock`: one run per output, until this one ends); open the
+   scene and build the lazy graph (:mod:`geosr.lazy`: one task per tile, one per output cell, keys
    deterministic); for a cluster the graph carries a small run spec and each worker builds the model once
    (:mod:`geosr.worker`); workers get the input's path, never an open dataset;
 2. open the partial store beside the output (:mod:`geosr.store`): the same run's store is resumed, another run's
@@ -165,8 +166,8 @@ def enhance_resumable(src: Path, dst: Path, config: EnhanceConfig, *,
     from dask.delayed import Delayed
 
     from .io.read import open_scene
-    from .io.write import (BlockWriter, atomic_output, check_output_path, remove_stale_partials, set_band_metadata,
-                           tagged_profile)
+    from .io.write import (BlockWriter, OutputLock, atomic_output, check_output_path, remove_stale_partials,
+                           set_band_metadata, tagged_profile)
     from .lazy import enhance_lazy
     from .scene import GDAL_CACHE_MB, Cancelled, EnhanceResult
     from .store import PartialStore, log_start, needed_tiles, run_settings, store_path
@@ -175,7 +176,8 @@ def enhance_resumable(src: Path, dst: Path, config: EnhanceConfig, *,
     check_settings(config)
     check_output_path(src, dst, overwrite=config.overwrite)
     distributed = config.scheduler != "threads"
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), contextlib.ExitStack() as stack:
+    # the lock (one run per output) is released last, once this run's cluster is gone
+    with OutputLock(dst), rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), contextlib.ExitStack() as stack:
         # an existing cluster is asked first (a dead address fails in seconds, before any work);
         # a local one is started only once there is work for it
         client = stack.enter_context(connect(config)) if distributed and config.scheduler else None

@@ -441,11 +441,15 @@ def enhance_scene(src, dst, config: EnhanceConfig | None = None, *, progress: Pr
     (when it holds a cell), and the same call again skips the cells in it. A run cancelled (``should_stop``, or
     :class:`Terminated`: SIGTERM in the CLI) or stopped by a diagnosed error (:class:`GeosrError`: unreadable
     input, full disk, ...) removes it: nothing is left behind, as without resume.
+
+    One run per output: from the output check until it ends, the run holds ``dst``'s lock
+    (:class:`geosr.io.write.OutputLock`, ``OUT.geosr-lock``); a second run of the same output is refused
+    (:class:`OutputError`) while the first is alive, and takes the lock over when it was killed.
     """
     import rasterio
 
-    from .io.write import (BlockWriter, atomic_output, check_output_path, remove_stale_partials, set_band_metadata,
-                           tagged_profile)
+    from .io.write import (BlockWriter, OutputLock, atomic_output, check_output_path, remove_stale_partials,
+                           set_band_metadata, tagged_profile)
 
     config = config or EnhanceConfig()
     src, dst = Path(src), Path(dst)
@@ -455,8 +459,9 @@ def enhance_scene(src, dst, config: EnhanceConfig | None = None, *, progress: Pr
         return enhance_resumable(src, dst, config, progress=progress, should_stop=should_stop)
     t_start = time.perf_counter()
     check_output_path(src, dst, overwrite=config.overwrite)
-    # GDAL's block cache would otherwise keep read and written blocks (up to 5% of RAM): bound it for the run
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+    # one run per output (its temporary GeoTIFF, its partial store) until this one ends; GDAL's block cache would
+    # otherwise keep read and written blocks (up to 5% of RAM): bound it for the run
+    with OutputLock(dst), rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
         scene = open_scene(src, bands=config.bands, nodata=config.nodata)
         run = prepare_run(scene, config)
         model, grid = run.model, run.grid

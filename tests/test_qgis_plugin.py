@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import configparser
+import json
 import os
 import signal
 import subprocess
@@ -32,7 +33,7 @@ sys.path.insert(0, str(REPO / "qgis_plugin"))
 from geosr_qgis.backend import (InProcessBackend, RunCancelled, RunError, SubprocessBackend,  # noqa: E402
                                 choose_backend, error_message, parse_line)
 from geosr_qgis.options import (EnhanceOptions, ModalitiesOptions, ScoreOptions, layer_file, partial_outputs,  # noqa: E402
-                                partial_store)
+                                output_lock, partial_store)
 
 FIXTURE = "zurich_swissimage_tile00_175x120.tif"
 SCENE = "zurich_0p5m_rgb.tif"  # 875 x 600: with 32 px tiles about a minute of lanczos, for Cancel
@@ -187,6 +188,9 @@ def test_subprocess_environment_drops_qgis_python_variables(monkeypatch):
 FAKE_GEOSR = """\
 import json, os, signal, sys, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a geosr that does not stop on SIGTERM
+if os.environ.get("FAKE_LOCK"):  # the output's lock, as geosr takes it
+    with open(os.environ["FAKE_LOCK"], "x") as f:
+        json.dump({"host": "h", "pid": os.getpid()}, f)
 print(json.dumps({"event": "progress", "done": 1, "total": 2, "message": "tile 1/2"}), file=sys.stderr, flush=True)
 print("geosr: warning: something", file=sys.stderr, flush=True)
 time.sleep(float(os.environ["FAKE_SLEEP"]))
@@ -219,6 +223,8 @@ def test_subprocess_killed_after_the_grace_time_leaves_no_partial_file(fake_inte
     store = partial_store(out)  # ... and its finished cells, kept for a resume after a crash
     (store / "cells").mkdir(parents=True)
     (store / "cells" / "0_0.npy.gz").write_bytes(b"")
+    lock = output_lock(out)  # ... and its lock
+    monkeypatch.setenv("FAKE_LOCK", str(lock))
     backend = SubprocessBackend(fake_interpreter)
     seen = []
     t0 = time.monotonic()
@@ -229,6 +235,24 @@ def test_subprocess_killed_after_the_grace_time_leaves_no_partial_file(fake_inte
     assert seen == [(1, 2, "tile 1/2")]
     assert backend.process.returncode == -signal.SIGKILL
     assert not partial.exists() and not store.exists()  # a Cancel leaves nothing, not even cells to resume
+    assert not lock.exists()
+
+
+def test_a_cancelled_subprocess_never_cleans_up_another_runs_output(fake_interpreter, tmp_path, monkeypatch):
+    """geosr refused the output (another run holds its lock) and the Cancel came first: that run's temporary
+    GeoTIFF, partial store and lock stay."""
+    monkeypatch.setenv("FAKE_ERROR", "o.tif: another geosr run (pid 1 on h, started ?) is writing this output")
+    out = tmp_path / "o.tif"
+    partial = tmp_path / ".o.tif.abc123.geosr-part.tif"
+    partial.write_bytes(b"")
+    (partial_store(out) / "cells").mkdir(parents=True)
+    lock = output_lock(out)
+    lock.write_text(json.dumps({"host": "h", "pid": os.getpid()}))  # the other run: alive
+    seen = []
+    with pytest.raises(RunCancelled):
+        SubprocessBackend(fake_interpreter).enhance(EnhanceOptions(input="in.tif", output=str(out)),
+                                                    progress=lambda *a: seen.append(a), should_stop=lambda: bool(seen))
+    assert partial.exists() and partial_store(out).is_dir() and lock.exists()
 
 
 def test_subprocess_that_finishes_despite_cancel_keeps_its_result(fake_interpreter, tmp_path):

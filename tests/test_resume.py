@@ -23,6 +23,7 @@ from conftest import write_synthetic_scene
 
 from geosr.config import EnhanceConfig
 from geosr.errors import ConfigError, OutputError, Terminated
+from geosr.io.write import lock_path
 from geosr.scene import Cancelled, enhance_scene
 from geosr.store import PartialStore, store_path
 
@@ -83,11 +84,13 @@ def test_plain_enhance_sigkill_then_rerun_resumes_bit_identical(synthetic, tmp_p
     assert not dst.exists()  # the final file appears only when complete
     stale = list(tmp_path.glob(".out.tif.*.geosr-part.tif"))
     assert stale, "the killed run left no temporary GeoTIFF (the rerun is meant to remove it)"
+    assert lock_path(dst).exists(), "the killed run left no lock (the rerun is meant to take it over)"
 
     rerun = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     resumed = [line for line in rerun.stderr.splitlines() if "resuming" in line]
     assert len(resumed) == 1, rerun.stderr
+    assert f"{lock_path(dst)}: taking over the lock of geosr run pid {proc.pid}" in rerun.stderr
     m = re.search(rf": {done} of {CELLS} output cells already done, skipped; (\d+) of {TILES} tiles skipped, "
                   rf"(\d+) to compute", resumed[0])
     assert m, resumed[0]
@@ -97,7 +100,7 @@ def test_plain_enhance_sigkill_then_rerun_resumes_bit_identical(synthetic, tmp_p
     got, got_meta = _read(dst)
     assert got == expected and got_meta == meta
     assert not store_path(dst).exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["out.tif"]  # store and the killed run's temporary gone
+    assert [p.name for p in tmp_path.iterdir()] == ["out.tif"]  # store, lock and the killed run's temporary gone
 
 
 def test_crash_keeps_the_store_and_rerun_resumes(synthetic, tmp_path, monkeypatch):

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .options import EnhanceOptions, ModalitiesOptions, ScoreOptions, partial_outputs, partial_store
+from .options import (EnhanceOptions, ModalitiesOptions, ScoreOptions, lock_owner, output_lock, partial_outputs,
+                      partial_store)
 
 log = logging.getLogger(__name__)
 
@@ -165,10 +166,15 @@ class SubprocessBackend:
         reader.join(timeout=5)
         proc.stdout.close()
         if cancelled and returncode != 0:  # (exit 0: it finished before the Cancel arrived; the output is there)
-            if output:  # killed before it could clean up (or Windows, where terminate is a kill)
+            owner = lock_owner(output) if output else None
+            # killed before it could clean up (or Windows, where terminate is a kill); never while another run holds
+            # the output (this one was refused)
+            if output and owner in (None, proc.pid):
                 for p in partial_outputs(output):
                     p.unlink(missing_ok=True)
                 shutil.rmtree(partial_store(output), ignore_errors=True)  # a Cancel keeps nothing for a resume
+                if owner is not None:  # its lock: the process has exited
+                    output_lock(output).unlink(missing_ok=True)
             raise RunCancelled("cancelled")
         if returncode != 0:
             raise RunError(error_message(lines, returncode))

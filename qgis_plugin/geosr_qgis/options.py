@@ -6,6 +6,7 @@ and the tests exercise them without QGIS.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -154,6 +155,20 @@ def partial_store(output: str | Path) -> Path:
     return out.with_name(out.name + ".geosr-partial")
 
 
+def output_lock(output: str | Path) -> Path:
+    """The lock file a geosr run holds beside ``output`` while it writes it (``NAME.geosr-lock``)."""
+    out = Path(output)
+    return out.with_name(out.name + ".geosr-lock")
+
+
+def lock_owner(output: str | Path) -> int | None:
+    """The pid of the geosr run whose lock is beside ``output``; None if there is none or it is unreadable."""
+    try:
+        return int(json.loads(output_lock(output).read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def partial_outputs(output: str | Path) -> list[Path]:
     """Temporary files geosr writes beside ``output`` while it works (``.NAME.*.geosr-part.tif`` and sidecars)."""
     out = Path(output)
@@ -163,4 +178,4 @@ def partial_outputs(output: str | Path) -> list[Path]:
 
 
 __all__ = ["MODELS", "MODALITIES", "GUIDANCE_MODES", "GEODATA_MODELS", "layer_file", "EnhanceOptions",
-           "ModalitiesOptions", "ScoreOptions", "partial_outputs", "partial_store"]
+           "ModalitiesOptions", "ScoreOptions", "lock_owner", "output_lock", "partial_outputs", "partial_store"]
