@@ -26,6 +26,51 @@ def test_fusion_net_starts_as_the_mean_of_its_candidates():
     assert torch.allclose(out, cands.mean(1), atol=1e-6)  # zero-initialised head: equal weights, no correction
 
 
+def test_dihedral_gives_the_eight_flips_and_turns_alike_on_every_tensor():
+    from geosr.training.stage1 import _dihedral
+
+    a = torch.arange(12.0).view(1, 1, 3, 4)
+    views = [_dihedral(a, v % 4, v >= 4) for v in range(8)]
+    assert len({tuple(t.flatten().tolist()) + tuple(t.shape) for t in views}) == 8
+    # the same turn on an LR and its nearest x4 upsampling commutes with the upsampling: pairs stay aligned
+    up = a.repeat_interleave(4, -1).repeat_interleave(4, -2)
+    for v in range(8):
+        turned = _dihedral(up, v % 4, v >= 4)
+        assert torch.equal(turned, _dihedral(a, v % 4, v >= 4).repeat_interleave(4, -1).repeat_interleave(4, -2))
+
+
+def _write_pairs(folder, n, size=32, seed=0):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        hr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        lr = hr[::4, ::4]
+        experts = np.stack([hr] * len(EXPERTS)).transpose(0, 3, 1, 2)
+        np.savez(folder / f"{i:05d}.npz", hr=hr, lr=lr, experts=experts, kind="clean")
+
+
+def test_train_fusion_holds_out_pairs_logs_them_and_saves_snapshots(tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    from geosr.training.stage1 import Stage1Config, train_fusion
+
+    _write_pairs(tmp_path / "pairs", 5)
+    cfg = Stage1Config(steps=6, batch=2, train_crop=16, features=8, blocks=1, lpips_weight=0.0, holdout=2,
+                       snapshot=3)
+    final = train_fusion(tmp_path, cfg)
+    assert (tmp_path / "fusion-3.safetensors").is_file() and final.name == "fusion.safetensors"
+    entries = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    held = [e for e in entries if "holdout_l1" in e]
+    assert [e["step"] for e in held] == [3, 6]
+    assert all(0 < e["holdout_l1"] < 1 for e in held)
+    with safe_open(str(final), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["pairs"] == "3" and meta["trained_steps"] == "6"  # trained on 5 - 2 held-out pairs
+    assert json.loads(meta["config"])["augment"] is True
+
+
 @needs_experts
 @needs_train
 def test_pairs_training_priors_and_the_model(tmp_path):
