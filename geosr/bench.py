@@ -33,8 +33,8 @@ DEFAULT_METHODS = ANCHORS + ("default",)  # "default": what a plain `geosr enhan
 
 
 def method_config(name: str, base: EnhanceConfig | None = None) -> EnhanceConfig:
-    """The run settings of one benchmark method: an anchor as published (``consistency=0`` unless ``base`` sets
-    it), ``"default"`` as a plain ``geosr enhance`` runs, any other model name with its own defaults."""
+    """The run settings of one benchmark method: an anchor as published (``consistency=0`` and ``keep_grey=False``
+    unless ``base`` sets the consistency), ``"default"`` as a plain ``geosr enhance`` runs, any other model name with its own defaults."""
     from dataclasses import replace
 
     base = base or EnhanceConfig()
@@ -42,7 +42,7 @@ def method_config(name: str, base: EnhanceConfig | None = None) -> EnhanceConfig
         return replace(base, model=None, scale=SCALE)
     config = replace(base, model=name, scale=SCALE)
     if name in ANCHORS and base.consistency is None:
-        config = replace(config, consistency=0.0)
+        config = replace(config, consistency=0.0, keep_grey=False)
     return config
 
 

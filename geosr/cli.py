@@ -36,6 +36,9 @@ def _add_tiling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--consistency", type=float, default=None, metavar="S",
                    help="LR-consistency projection, 0-1: 1 makes the output downscale exactly to the input (nothing "
                         "the input contradicts), 0 leaves the network's output as it is (default: the model's)")
+    p.add_argument("--no-keep-grey", dest="keep_grey", action="store_const", const=False, default=None,
+                   help="let the model colour grey imagery (default: a tile whose bands are identical, e.g. a "
+                        "panchromatic band stored as RGB, gets identical output bands)")
 
 
 def _add_diffusion(p: argparse.ArgumentParser) -> None:
@@ -211,6 +214,8 @@ def _config(args):
              if getattr(args, f.name, None) is not None and getattr(args, f.name) is not False}
     if getattr(args, "no_resume", False):
         given["resume"] = False
+    if getattr(args, "keep_grey", None) is False:
+        given["keep_grey"] = False
     return replace(base, **given)
 
 

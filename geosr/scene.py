@@ -130,6 +130,8 @@ def _run_model(model: SRModel, x: np.ndarray, groups, scale: int) -> np.ndarray:
             continue
         if mode == "model":
             out[bands] = model.upscale(x[bands], scale)
+            if getattr(model, "keep_grey", True) and len(bands) > 1 and (x[bands] == x[bands[0]]).all():
+                out[bands] = out[bands].mean(axis=0, keepdims=True)  # grey in, grey out: no invented colour
         else:
             rgb = np.repeat(x[bands], 3, axis=0) if model.channels == 3 else x[bands]
             out[bands] = model.upscale(rgb, scale).mean(axis=0, keepdims=True)

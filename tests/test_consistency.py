@@ -7,6 +7,7 @@ from PIL import Image
 from geosr.bench import lr_consistency
 from geosr.config import EnhanceConfig
 from geosr.errors import ConfigError
+from geosr.models.base import SRModel
 from geosr.models.consistency import downscale, project, resample_matrix
 from geosr.scene import enhance_array
 
@@ -51,3 +52,44 @@ def test_engine_applies_consistency_per_tile():
     assert np.array_equal(again, plain)  # strength 0: the model's output as it was
     with pytest.raises(ConfigError):
         enhance_array(lr, EnhanceConfig(model="nearest", scale=4, consistency=2.0))
+
+
+class Tinter(SRModel):
+    """A stand-in 3-channel model that invents colour: nearest x4, red up and blue down."""
+
+    name, channels, scales, receptive_field, default_tile = "tinter", 3, (4,), 1, 64
+
+    def upscale(self, x, scale):
+        y = np.repeat(np.repeat(x, scale, 1), scale, 2)
+        return y + np.array([0.05, 0.0, -0.05], dtype=np.float32)[:, None, None]
+
+
+@pytest.mark.parametrize("keep_grey", [True, False])
+def test_grey_in_grey_out_unless_turned_off(keep_grey):
+    rng = np.random.default_rng(3)
+    grey = np.repeat(rng.integers(40, 200, (1, 30, 30), dtype=np.uint8), 3, axis=0)
+    colour = rng.integers(40, 200, (3, 30, 30), dtype=np.uint8)
+    config = EnhanceConfig(scale=4, tile=16, overlap=4, keep_grey=keep_grey)
+    out = enhance_array(grey, config, model=Tinter())
+    spread = int((out.max(axis=0).astype(int) - out.min(axis=0)).max())
+    if keep_grey:
+        assert spread == 0  # identical bands in, identical bands out
+        assert np.array_equal(out[0], np.repeat(np.repeat(grey[0], 4, 0), 4, 1))  # the mean of the model's bands
+    else:
+        assert spread >= 20  # the model's tint, as it gave it (0.05 of 255 up on red, down on blue)
+    # colour input is never touched by it
+    tinted = enhance_array(colour, config, model=Tinter())
+    assert int(tinted[0].astype(int).sum() - tinted[2].astype(int).sum()) != 0
+    assert np.array_equal(tinted, enhance_array(colour, EnhanceConfig(scale=4, tile=16, overlap=4, keep_grey=False),
+                                                model=Tinter()))
+
+
+def test_keep_grey_reaches_the_config_and_the_bench_runs_anchors_as_published():
+    from geosr.bench import method_config
+    from geosr.cli import _config, build_parser
+
+    args = build_parser().parse_args(["enhance", "in.tif", "--no-keep-grey"])
+    assert _config(args).keep_grey is False
+    assert _config(build_parser().parse_args(["enhance", "in.tif"])).keep_grey is True
+    assert method_config("realesrgan-x4plus").keep_grey is False
+    assert method_config("default").keep_grey is True

@@ -42,7 +42,9 @@ class SRModel(ABC):
         """Take model-specific settings of the run (an ``EnhanceConfig``); subclasses that override this call it.
 
         Every model takes ``config.consistency``: the strength of the LR-consistency projection the engine applies
-        to its output (:mod:`geosr.models.consistency`); None keeps the model's class default."""
+        to its output (:mod:`geosr.models.consistency`); None keeps the model's class default. And
+        ``config.keep_grey``: whether the engine makes grey input tiles give grey output (:func:`keep_grey`)."""
+        self.keep_grey = bool(getattr(config, "keep_grey", True))
         strength = getattr(config, "consistency", None)
         self.consistency = self.default_consistency if strength is None else float(strength)
         if not 0.0 <= self.consistency <= 1.0:
