@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--work", type=Path, default=Path("out/structure_compare"), help="rasters and score JSONs")
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--append", action="store_true", help="keep the rows already in --json and add these")
+    p.add_argument("--append", action="store_true", help="keep the rows already in --json; rows measured now replace the same case, degradation and method")
     args = p.parse_args(argv)
 
     root = Path(data_dir())
@@ -183,7 +183,8 @@ def main(argv=None) -> int:
                      "--overwrite", "-q"], commands)
                 row = {"case": name, "degradation": kind, "method": method, "seconds": seconds,
                        **summary(json.loads(js.read_text()))}
-                rows.append(row)
+                rows = [r for r in rows if (r["case"], r["degradation"], r["method"]) != (name, kind, method)]
+                rows.append(row)  # replaces the same case's row of an --append'ed earlier run
                 print(table([row]).splitlines()[-1], file=sys.stderr, flush=True)
                 save(args, rows, commands)  # after every row, so an interrupted run keeps what it measured
     print(table(rows))

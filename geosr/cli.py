@@ -38,7 +38,7 @@ def _add_tiling(p: argparse.ArgumentParser) -> None:
                         "the input contradicts), 0 leaves the network's output as it is (default: the model's)")
     p.add_argument("--no-keep-grey", dest="keep_grey", action="store_const", const=False, default=None,
                    help="let the model colour grey imagery (default: a tile whose bands are identical, e.g. a "
-                        "panchromatic band stored as RGB, gets identical output bands)")
+                        "panchromatic band stored as RGB, gets identical output bands; config: keep_grey: false)")
 
 
 def _add_diffusion(p: argparse.ArgumentParser) -> None:

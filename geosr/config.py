@@ -58,8 +58,9 @@ class EnhanceConfig:
     # LR-consistency projection strength in [0, 1] (geosr.models.consistency): 1 makes each tile's output downscale
     # exactly to its input; None: the model's own default (0 for the third-party anchors)
     consistency: float | None = None
-    # a tile whose model bands are all identical (grey imagery stored as RGB, e.g. a panchromatic band repeated)
-    # gets identical output bands (the mean of the model's), so no colour is invented; False: as the model gives
+    # a tile whose model bands are identical (grey imagery stored as RGB, e.g. a panchromatic band repeated; up to a
+    # mean spread of half a level, scene._is_grey) gets identical output bands (the mean of the model's), so no
+    # colour is invented; False: as the model gives
     keep_grey: bool = True
     # diffusion models (mmsr) only; other models ignore these
     checkpoint: str | None = None  # MMSR checkpoint folder (from `geosr train`) or Hugging Face id owner/name

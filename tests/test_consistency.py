@@ -69,6 +69,7 @@ def test_grey_in_grey_out_unless_turned_off(keep_grey):
     rng = np.random.default_rng(3)
     grey = np.repeat(rng.integers(40, 200, (1, 30, 30), dtype=np.uint8), 3, axis=0)
     colour = rng.integers(40, 200, (3, 30, 30), dtype=np.uint8)
+    pale = (grey + np.array([3, 0, 0], dtype=np.uint8)[:, None, None]).astype(np.uint8)
     config = EnhanceConfig(scale=4, tile=16, overlap=4, keep_grey=keep_grey)
     out = enhance_array(grey, config, model=Tinter())
     spread = int((out.max(axis=0).astype(int) - out.min(axis=0)).max())
@@ -77,11 +78,19 @@ def test_grey_in_grey_out_unless_turned_off(keep_grey):
         assert np.array_equal(out[0], np.repeat(np.repeat(grey[0], 4, 0), 4, 1))  # the mean of the model's bands
     else:
         assert spread >= 20  # the model's tint, as it gave it (0.05 of 255 up on red, down on blue)
-    # colour input is never touched by it
+    # a grey image after JPEG's colour rounding (a few pixels a level or two off) is still grey
+    jpeg_grey = grey.copy()
+    jpeg_grey[0, ::7, ::5] += 2
+    out = enhance_array(jpeg_grey, config, model=Tinter())
+    assert (int((out.max(axis=0).astype(int) - out.min(axis=0)).max()) == 0) is keep_grey
+    # colour input is never touched by it, pale colour (a mean spread of 3 levels) included
     tinted = enhance_array(colour, config, model=Tinter())
     assert int(tinted[0].astype(int).sum() - tinted[2].astype(int).sum()) != 0
     assert np.array_equal(tinted, enhance_array(colour, EnhanceConfig(scale=4, tile=16, overlap=4, keep_grey=False),
                                                 model=Tinter()))
+    assert np.array_equal(enhance_array(pale, config, model=Tinter()),
+                          enhance_array(pale, EnhanceConfig(scale=4, tile=16, overlap=4, keep_grey=False),
+                                        model=Tinter()))
 
 
 def test_keep_grey_reaches_the_config_and_the_bench_runs_anchors_as_published():
