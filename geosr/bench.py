@@ -34,7 +34,8 @@ DEFAULT_METHODS = ANCHORS + ("default",)  # "default": what a plain `geosr enhan
 
 def method_config(name: str, base: EnhanceConfig | None = None) -> EnhanceConfig:
     """The run settings of one benchmark method: an anchor as published (``consistency=0`` and ``keep_grey=False``
-    unless ``base`` sets the consistency), ``"default"`` as a plain ``geosr enhance`` runs, any other model name with its own defaults."""
+    unless ``base`` sets the consistency), ``"default"`` as a plain ``geosr enhance`` runs, any other model name
+    with its own defaults."""
     from dataclasses import replace
 
     base = base or EnhanceConfig()

@@ -43,7 +43,7 @@ class SRModel(ABC):
 
         Every model takes ``config.consistency``: the strength of the LR-consistency projection the engine applies
         to its output (:mod:`geosr.models.consistency`); None keeps the model's class default. And
-        ``config.keep_grey``: whether the engine makes grey input tiles give grey output (:func:`keep_grey`)."""
+        ``config.keep_grey``: whether the engine makes grey input tiles give grey output (``scene._is_grey``)."""
         self.keep_grey = bool(getattr(config, "keep_grey", True))
         strength = getattr(config, "consistency", None)
         self.consistency = self.default_consistency if strength is None else float(strength)
