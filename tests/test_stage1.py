@@ -54,6 +54,7 @@ def test_train_fusion_holds_out_pairs_logs_them_and_saves_snapshots(tmp_path):
 
     from safetensors import safe_open
 
+    from geosr.errors import ConfigError
     from geosr.training.stage1 import Stage1Config, train_fusion
 
     _write_pairs(tmp_path / "pairs", 5)
@@ -69,6 +70,8 @@ def test_train_fusion_holds_out_pairs_logs_them_and_saves_snapshots(tmp_path):
         meta = f.metadata()
     assert meta["pairs"] == "3" and meta["trained_steps"] == "6"  # trained on 5 - 2 held-out pairs
     assert json.loads(meta["config"])["augment"] is True
+    with pytest.raises(ConfigError, match="holdout=5"):
+        train_fusion(tmp_path, Stage1Config(steps=1, holdout=5, lpips_weight=0.0))
 
 
 @needs_experts

@@ -146,6 +146,10 @@ def train_fusion(out: str | Path, cfg: Stage1Config, progress=None, init: str | 
     out = Path(out)
     torch.manual_seed(cfg.seed)
     hr, lr, ex = _load_pairs(out / "pairs")
+    if not 0 <= cfg.holdout < hr.shape[0]:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"holdout={cfg.holdout}: must leave pairs to train on ({hr.shape[0]} in {out / 'pairs'})")
     if cfg.holdout:
         held = (hr[-cfg.holdout:], lr[-cfg.holdout:], ex[-cfg.holdout:])
         hr, lr, ex = hr[:-cfg.holdout], lr[:-cfg.holdout], ex[:-cfg.holdout]
