@@ -20,7 +20,6 @@ structures it agrees perfectly by construction).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from geosr.bench import _resize, to_8bit
+from geosr.bench import degrade, to_8bit
 from geosr.config import data_dir
 
 SCALE = 4
@@ -42,24 +41,6 @@ CASES = {
     "rotterdam_pan_600": ("rotterdam_pan_0p5m.tif", (0, 0, 600, 600), None),
 }
 METHODS = ("aerial-x4", "realesrgan-x4plus", "bicubic")  # and "hr": score the HR crop itself (the ceiling)
-
-
-def degrade(hr: np.ndarray, kind: str, index: int) -> np.ndarray:
-    """``geosr.bench.degrade`` for a non-square crop: the same steps, to ``(h // 4, w // 4)``."""
-    from PIL import Image, ImageFilter
-
-    size = (hr.shape[0] // SCALE, hr.shape[1] // SCALE)
-    if kind == "clean":
-        return _resize(hr, size)
-    if kind != "real":
-        raise ValueError(f"unknown degradation {kind!r}")
-    blurred = np.asarray(Image.fromarray(hr).filter(ImageFilter.GaussianBlur(radius=1.0)))
-    lr = _resize(blurred, size).astype(np.float64)
-    lr = lr + np.random.default_rng(index).normal(0.0, 3.0, lr.shape)
-    lr = np.clip(np.round(lr), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(lr).save(buf, format="JPEG", quality=70)
-    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
 
 
 def write_tif(path: Path, rgb: np.ndarray, crs, transform) -> None:

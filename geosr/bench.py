@@ -91,10 +91,11 @@ def _resize(img: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 
 
 def degrade(hr: np.ndarray, kind: str, index: int) -> np.ndarray:
-    """The 128x128 LR input for an HR crop: ``clean`` or ``real`` (blur, downscale, noise, JPEG 70)."""
+    """The LR input for an HR crop (128x128 for the protocol's; any ``(H, W)`` gives ``(H/4, W/4)``): ``clean`` or
+    ``real`` (blur, downscale, noise, JPEG 70)."""
     from PIL import Image
 
-    size = hr.shape[0] // SCALE
+    size = (hr.shape[0] // SCALE, hr.shape[1] // SCALE)
     if kind == "clean":
         return _resize(hr, size)
     if kind != "real":
