@@ -86,3 +86,12 @@ def write_synthetic_scene(path: Path) -> Path:
                        transform=Affine(0.5, 0, 500000, 0, -0.5, 5200000), tiled=True, nodata=0) as ds:
         ds.write(data)
     return path
+
+
+def tiny_mmsr_config():
+    """The smallest MMSR architecture the tests build with random weights (seconds to build and run)."""
+    from geosr.models.mmsr.bundle import MMSRConfig
+
+    return MMSRConfig(text_encoder="hash", text_dim=16, num_latents=4, connector_depth=1, heads=2, codebook_size=8,
+                      code_dim=8, map_size=32, grid_size=8, tokenizer_channels=8, unet_channels=(8, 16), tile=16,
+                      attention_head_dim=4)

@@ -160,12 +160,11 @@ def test_computing_a_big_scene_streams_its_input():
 @pytest.fixture(scope="module")
 def tiny_mmsr(tmp_path_factory):
     pytest.importorskip("diffusers")
-    from geosr.models.mmsr.bundle import MMSRConfig, build_bundle
+    from conftest import tiny_mmsr_config
 
-    tiny = MMSRConfig(text_encoder="hash", text_dim=16, num_latents=4, connector_depth=1, heads=2, codebook_size=8,
-                      code_dim=8, map_size=32, grid_size=8, tokenizer_channels=8, unet_channels=(8, 16), tile=16,
-                      attention_head_dim=4)
-    bundle = build_bundle(tiny, seed=0)
+    from geosr.models.mmsr.bundle import build_bundle
+
+    bundle = build_bundle(tiny_mmsr_config(), seed=0)
     bundle.meta["trained_steps"] = 0
     return bundle.save(tmp_path_factory.mktemp("mmsr") / "tiny")
 

@@ -11,16 +11,16 @@ import rasterio
 
 pytest.importorskip("diffusers")
 
+from conftest import tiny_mmsr_config  # noqa: E402
+
 from geosr.config import EnhanceConfig, data_dir  # noqa: E402
 from geosr.errors import ConfigError, WeightsError  # noqa: E402
-from geosr.models.mmsr.bundle import MMSRBundle, MMSRConfig, build_bundle  # noqa: E402
+from geosr.models.mmsr.bundle import MMSRBundle, build_bundle  # noqa: E402
 from geosr.models.mmsr.model import MMSRModel, parse_temperatures, tile_seed  # noqa: E402
 from geosr.scene import enhance_array, enhance_scene  # noqa: E402
 
 FIXTURE = data_dir() / "fixtures" / "zurich_swissimage_tile00_175x120.tif"
-TINY = MMSRConfig(text_encoder="hash", text_dim=16, num_latents=4, connector_depth=1, heads=2, codebook_size=8,
-                  code_dim=8, map_size=32, grid_size=8, tokenizer_channels=8, unet_channels=(8, 16), tile=16,
-                  attention_head_dim=4)
+TINY = tiny_mmsr_config()
 
 
 @pytest.fixture(scope="module")

@@ -9,18 +9,17 @@ import torch
 
 pytest.importorskip("diffusers")
 
+from conftest import tiny_mmsr_config  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from geosr.config import EnhanceConfig  # noqa: E402
 from geosr.errors import ConfigError  # noqa: E402
-from geosr.models.mmsr.bundle import INDEX, MMSRBundle, MMSRConfig, build_bundle  # noqa: E402
+from geosr.models.mmsr.bundle import INDEX, MMSRBundle, build_bundle  # noqa: E402
 from geosr.models.mmsr.model import MMSRModel  # noqa: E402
 from geosr.scene import enhance_array, plan  # noqa: E402
 from geosr.training.package import embed  # noqa: E402
 
-TINY = MMSRConfig(text_encoder="hash", text_dim=16, num_latents=4, connector_depth=1, heads=2, codebook_size=8,
-                  code_dim=8, map_size=32, grid_size=8, tokenizer_channels=8, unet_channels=(8, 16), tile=16,
-                  attention_head_dim=4)
+TINY = tiny_mmsr_config()
 RECOMMENDED = {"strength": 0.5, "consistency": 0.25, "tile": 24}
 
 
