@@ -95,3 +95,12 @@ def tiny_mmsr_config():
     return MMSRConfig(text_encoder="hash", text_dim=16, num_latents=4, connector_depth=1, heads=2, codebook_size=8,
                       code_dim=8, map_size=32, grid_size=8, tokenizer_channels=8, unet_channels=(8, 16), tile=16,
                       attention_head_dim=4)
+
+
+def save_tiny_mmsr(folder: Path, trained_steps: int = 0) -> Path:
+    """A checkpoint folder of the :func:`tiny_mmsr_config` model with random weights (seed 0)."""
+    from geosr.models.mmsr.bundle import build_bundle
+
+    bundle = build_bundle(tiny_mmsr_config(), seed=0)
+    bundle.meta["trained_steps"] = trained_steps
+    return bundle.save(folder)

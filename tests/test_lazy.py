@@ -160,13 +160,9 @@ def test_computing_a_big_scene_streams_its_input():
 @pytest.fixture(scope="module")
 def tiny_mmsr(tmp_path_factory):
     pytest.importorskip("diffusers")
-    from conftest import tiny_mmsr_config
+    from conftest import save_tiny_mmsr
 
-    from geosr.models.mmsr.bundle import build_bundle
-
-    bundle = build_bundle(tiny_mmsr_config(), seed=0)
-    bundle.meta["trained_steps"] = 0
-    return bundle.save(tmp_path_factory.mktemp("mmsr") / "tiny")
+    return save_tiny_mmsr(tmp_path_factory.mktemp("mmsr") / "tiny")
 
 
 def test_mmsr_lazy_equals_enhance_scene_and_begins_each_scene_once(data, tmp_path, tiny_mmsr, monkeypatch):

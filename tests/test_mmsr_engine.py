@@ -11,23 +11,20 @@ import rasterio
 
 pytest.importorskip("diffusers")
 
-from conftest import tiny_mmsr_config  # noqa: E402
+from conftest import save_tiny_mmsr  # noqa: E402
 
 from geosr.config import EnhanceConfig, data_dir  # noqa: E402
 from geosr.errors import ConfigError, WeightsError  # noqa: E402
-from geosr.models.mmsr.bundle import MMSRBundle, build_bundle  # noqa: E402
+from geosr.models.mmsr.bundle import MMSRBundle  # noqa: E402
 from geosr.models.mmsr.model import MMSRModel, parse_temperatures, tile_seed  # noqa: E402
 from geosr.scene import enhance_array, enhance_scene  # noqa: E402
 
 FIXTURE = data_dir() / "fixtures" / "zurich_swissimage_tile00_175x120.tif"
-TINY = tiny_mmsr_config()
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    bundle = build_bundle(TINY, seed=0)
-    bundle.meta["trained_steps"] = 0
-    return bundle.save(tmp_path_factory.mktemp("mmsr") / "tiny")
+    return save_tiny_mmsr(tmp_path_factory.mktemp("mmsr") / "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from conftest import tiny_mmsr_config  # noqa: E402
+from conftest import save_tiny_mmsr, tiny_mmsr_config  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from geosr.config import EnhanceConfig  # noqa: E402
 from geosr.errors import ConfigError  # noqa: E402
-from geosr.models.mmsr.bundle import INDEX, MMSRBundle, build_bundle  # noqa: E402
+from geosr.models.mmsr.bundle import INDEX, MMSRBundle  # noqa: E402
 from geosr.models.mmsr.model import MMSRModel  # noqa: E402
 from geosr.scene import enhance_array, plan  # noqa: E402
 from geosr.training.package import embed  # noqa: E402
@@ -26,9 +26,7 @@ RECOMMENDED = {"strength": 0.5, "consistency": 0.25, "tile": 24}
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     """A float32 training-style bundle (no inference settings)."""
-    bundle = build_bundle(TINY, seed=0)
-    bundle.meta["trained_steps"] = 7
-    return bundle.save(tmp_path_factory.mktemp("src") / "ckpt")
+    return save_tiny_mmsr(tmp_path_factory.mktemp("src") / "ckpt", trained_steps=7)
 
 
 @pytest.fixture(scope="module")
