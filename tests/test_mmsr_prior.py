@@ -8,6 +8,9 @@ import torch
 
 pytest.importorskip("diffusers")
 
+from conftest import texture, tiny_mmsr_config  # noqa: E402
+from test_training import smooth_hr, tiny_config  # noqa: E402
+
 from geosr.config import EnhanceConfig  # noqa: E402
 from geosr.errors import ConfigError  # noqa: E402
 from geosr.models import get_model  # noqa: E402
@@ -15,9 +18,7 @@ from geosr.models.mmsr.bundle import MMSRConfig, build_bundle  # noqa: E402
 from geosr.scene import enhance_array  # noqa: E402
 from geosr.training.loop import Trainer  # noqa: E402
 
-from conftest import texture  # noqa: E402
-from test_mmsr_engine import TINY  # noqa: E402
-from test_training import smooth_hr, tiny_config  # noqa: E402
+TINY = tiny_mmsr_config()
 
 
 def lr_batch() -> torch.Tensor:

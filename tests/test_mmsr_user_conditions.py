@@ -12,6 +12,8 @@ from affine import Affine
 
 pytest.importorskip("diffusers")
 
+from conftest import texture, tiny_mmsr_config  # noqa: E402
+
 from geosr.conditioning import CLASSES  # noqa: E402
 from geosr.conditioning.base import ClassTable  # noqa: E402
 from geosr.conditioning.user import UNMAPPED, class_lookup, model_class, relabel  # noqa: E402
@@ -20,9 +22,7 @@ from geosr.errors import ConditionError, ConfigError  # noqa: E402
 from geosr.models.mmsr.bundle import MMSRBundle, build_bundle  # noqa: E402
 from geosr.scene import enhance_scene  # noqa: E402
 
-from conftest import texture  # noqa: E402
-from test_mmsr_engine import TINY  # noqa: E402
-
+TINY = tiny_mmsr_config()
 WATER, VEGETATION, OTHER, BRIGHT = (CLASSES.index(c) for c in ("water", "vegetation", "other", "bright"))
 
 
