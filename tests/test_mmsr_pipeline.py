@@ -35,7 +35,8 @@ def tiny_unet(*, in_channels: int, out_channels: int, seed: int = 0) -> UNet2DCo
         norm_num_groups=4).eval()
 
 
-def make_pipe(*, unshuffle: int = 2, residual: bool = False, seed: int = 0) -> MMSRPipeline:
+def make_pipe(*, unshuffle: int = 2, residual: bool = False, seed: int = 0, residual_scale: float = 1.0
+              ) -> MMSRPipeline:
     work = 3 * unshuffle * unshuffle
     torch.manual_seed(seed)
     conditioner = MultimodalConditioner(config=ConditionerConfig(
@@ -44,7 +45,8 @@ def make_pipe(*, unshuffle: int = 2, residual: bool = False, seed: int = 0) -> M
     text = HashTextEncoder(config=HashTextConfig(dim=D, num_buckets=64, max_length=8)).eval()
     scheduler = DDIMScheduler(num_train_timesteps=1000, timestep_spacing="trailing", clip_sample=False)
     pipe = MMSRPipeline(unet=tiny_unet(in_channels=2 * work, out_channels=work, seed=seed), scheduler=scheduler,
-                        conditioner=conditioner, text_encoder=text, scale=4, unshuffle=unshuffle, residual=residual)
+                        conditioner=conditioner, text_encoder=text, scale=4, unshuffle=unshuffle, residual=residual,
+                        residual_scale=residual_scale)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -235,6 +237,28 @@ def test_working_space_round_trip(residual):
         out = p(lr_batch(1), cond_image=cond[:1], num_inference_steps=1,
                 generator=torch.Generator().manual_seed(0)).images
         assert out.shape == (1, 3, 64, 64)
+
+
+def test_residual_scale_multiplies_the_target_and_divides_the_sample(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    hr, cond = torch.rand(2, 3, 64, 64, generator=g), torch.rand(2, 3, 64, 64, generator=g)
+    plain, scaled = make_pipe(residual=True), make_pipe(residual=True, residual_scale=6.0)
+    torch.testing.assert_close(scaled.encode_target(hr, cond), 6.0 * plain.encode_target(hr, cond))
+    torch.testing.assert_close(scaled.decode_sample(scaled.encode_target(hr, cond), cond), hr)
+    # the same working-space sample lands 6x closer to the conditioning image
+    x0 = torch.randn(2, 12, 32, 32, generator=g) * 0.1
+    torch.testing.assert_close(scaled.decode_sample(x0, cond) - cond, (plain.decode_sample(x0 / 6.0, cond) - cond))
+    assert not torch.allclose(scaled.decode_sample(x0, cond), plain.decode_sample(x0, cond))
+    # saved and loaded with the pipeline; a folder written before the setting existed loads as 1
+    scaled.save_pretrained(tmp_path / "scaled")
+    assert MMSRPipeline.from_pretrained(tmp_path / "scaled").config.residual_scale == 6.0
+    plain.save_pretrained(tmp_path / "old")
+    index = tmp_path / "old" / "model_index.json"
+    index.write_text(index.read_text().replace('"residual_scale": 1.0,', ""))
+    assert "residual_scale" not in index.read_text()
+    assert MMSRPipeline.from_pretrained(tmp_path / "old").config.residual_scale == 1.0
+    with pytest.raises(PipelineInputError, match="residual_scale"):
+        make_pipe(residual=True, residual_scale=0.0)
 
 
 @pytest.mark.parametrize("kwargs, name", [

@@ -49,6 +49,10 @@ class MMSRConfig:
     tile: int = 64  # LR tile side the model is trained on and run at (output tile = tile * scale)
     unshuffle: int = 2  # pixel-unshuffle factor of the working space
     residual: bool = True  # diffuse the residual over the conditioning image (see pipeline docstring)
+    # the residual is multiplied by this before diffusion (and divided after sampling): a stage-1 residual has a
+    # standard deviation of ~0.15 in working units, so at 1 the noise the model must reproduce dwarfs it and every
+    # error in that reproduction lands in the image; ~1/std brings it to unit variance
+    residual_scale: float = 1.0
     modalities: tuple[str, ...] = ("depth", "segmentation", "edges")  # spatial modalities, in sequence order
     text_encoder: str = "minilm"  # "minilm" (offline all-MiniLM-L6-v2, D=384), "hash" (tests), "none", "base"
     text_dim: int = 384  # D: width of text states, modality tokens and latents
@@ -339,7 +343,8 @@ def build_bundle(config: MMSRConfig, *, seed: int = 0, device: str = "cpu") -> M
     unet, vae = _from_base(config) if config.base else (_unet(config), None)
     pipe = MMSRPipeline(unet=unet, vae=vae, scheduler=_scheduler(config), conditioner=conditioner,
                         text_encoder=_text_encoder(config, device=device), scale=config.scale,
-                        unshuffle=config.unshuffle, residual=config.residual)
+                        unshuffle=config.unshuffle, residual=config.residual,
+                        residual_scale=config.residual_scale)
     pipe.set_progress_bar_config(disable=True)
     return MMSRBundle(config=config, pipeline=pipe, tokenizers=tokenizers).to(device)
 

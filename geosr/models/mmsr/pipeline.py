@@ -28,7 +28,10 @@ Residual mode (``config.residual``), with ``W(image) = to_working(image)``:
     ``x0 = W(2*(hr - cond))`` and an output ``cond + from_working(x0)/2`` (the factor 2 keeps the units of the
     non-residual mode); in latent space it is the difference of the two latents. A good stage-1 image leaves the
     model only the high-frequency detail to add. x0 then spans [-2, 2] in pixel space: give DDIM
-    ``clip_sample=False`` or ``clip_sample_range=2.0`` (its default clips x0 to [-1, 1]).
+    ``clip_sample=False`` or ``clip_sample_range=2.0`` (its default clips x0 to [-1, 1]). ``residual_scale`` k
+    multiplies the residual before diffusion and divides the sample after (``x0 = k * (...)``): a stage-1 residual
+    is small (std ~0.15), and k ~ 1/std gives it unit variance, so errors in reproducing the noise are divided by
+    k in the image.
     :meth:`MMSRPipeline.encode_target` and :meth:`MMSRPipeline.decode_sample` are the two directions, for
     training code to use as they are.
 
@@ -226,11 +229,13 @@ class MMSRPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "conditioner->unet->vae"
     _optional_components = ["text_encoder", "vae"]
     _component_names = ("unet", "scheduler", "conditioner", "text_encoder", "vae")
-    _config_keys = ("scale", "unshuffle", "residual")
+    _config_keys = ("scale", "unshuffle", "residual", "residual_scale")
 
     def __init__(self, *, unet, scheduler, conditioner, text_encoder=None, vae=None, scale: int = 4,
-                 unshuffle: int = 2, residual: bool = False):
+                 unshuffle: int = 2, residual: bool = False, residual_scale: float = 1.0):
         super().__init__()
+        if not (isinstance(residual_scale, (int, float)) and residual_scale > 0):
+            raise PipelineInputError(f"residual_scale={residual_scale!r}: give a positive number (1 = unscaled)")
         if not (isinstance(scale, int) and scale >= 1):
             raise PipelineInputError(f"scale={scale!r}: give the SR factor as an int >= 1")
         if not (isinstance(unshuffle, int) and unshuffle >= 1):
@@ -255,7 +260,8 @@ class MMSRPipeline(DiffusionPipeline):
                                      f"text_dim={text_dim}")
         self.register_modules(unet=unet, scheduler=scheduler, conditioner=conditioner, text_encoder=text_encoder,
                               vae=vae)
-        self.register_to_config(scale=scale, unshuffle=unshuffle, residual=bool(residual))
+        self.register_to_config(scale=scale, unshuffle=unshuffle, residual=bool(residual),
+                                residual_scale=float(residual_scale))
 
     @property
     def device(self) -> torch.device:
@@ -297,12 +303,14 @@ class MMSRPipeline(DiffusionPipeline):
     def encode_target(self, hr: Tensor, cond: Tensor) -> Tensor:
         """Training target ``x0`` in working space from ``hr`` and ``cond`` (B, 3, H, W) in [0, 1]."""
         x0 = self.to_working(2 * hr - 1)  # (B, C, h, w)
-        return x0 - self.to_working(2 * cond - 1) if self.config.residual else x0
+        if not self.config.residual:
+            return x0
+        return (x0 - self.to_working(2 * cond - 1)) * self.config.residual_scale
 
     def decode_sample(self, x0: Tensor, cond: Tensor) -> Tensor:
         """Inverse of :meth:`encode_target`: working-space ``x0`` -> image (B, 3, H, W), clipped to [0, 1]."""
         if self.config.residual:
-            x0 = self.to_working(2 * cond - 1) + x0  # (B, C, h, w)
+            x0 = self.to_working(2 * cond - 1) + x0 / self.config.residual_scale  # (B, C, h, w)
         return ((self.from_working(x0) + 1) / 2).clamp(0, 1)
 
     @property
