@@ -262,3 +262,66 @@ def test_cli_train_then_resume_through_the_entry_point(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout.startswith("done: 6 steps")
     assert MMSRBundle.load(tmp_path / "run" / "final").meta["trained_steps"] == 6
+
+
+# ----------------------------------------------------------------------------------------------------------
+# few-step and perceptual training
+
+
+def test_few_step_training_draws_only_the_samplers_timesteps(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, timesteps=2))
+    hr = smooth_hr()[None].repeat(2, 1, 1, 1)
+    batch = trainer.prepare(hr, torch.nn.functional.avg_pool2d(hr, 4))
+    drawn = {int(v) for _ in range(20) for v in trainer.draw(batch)[0]}
+    pipe = trainer.pipeline
+    pipe.scheduler.set_timesteps(2)
+    assert drawn == {int(v) for v in pipe.scheduler.timesteps} == {999, 499}  # trailing spacing, as inference
+    everywhere = Trainer(tiny_config(tmp_path / "all"))
+    assert len({int(v) for _ in range(20) for v in everywhere.draw(batch)[0]}) > 20
+    for bad in (dict(timesteps=0), dict(timesteps=1001), dict(lpips_weight=-1.0)):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            tiny_config(tmp_path, **bad)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_estimate_x0_inverts_the_forward_process(prediction):
+    from diffusers import DDIMScheduler
+
+    from geosr.training.loop import estimate_x0
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000, prediction_type=prediction)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 500, 999])
+    noisy = scheduler.add_noise(x0, noise, t)
+    exact = noise if prediction == "epsilon" else scheduler.get_velocity(x0, noise, t)
+    atol = 1e-2 if prediction == "epsilon" else 1e-4  # epsilon divides by sqrt(alpha_bar(999)) ~ 0.006
+    torch.testing.assert_close(estimate_x0(scheduler, noisy, exact, t), x0, atol=atol, rtol=0)
+
+
+def test_lpips_weight_adds_lpips_of_the_decoded_estimate(tmp_path):
+    from geosr.config import weights_dir
+    from geosr.scoring.lpips import FILENAME
+    from geosr.training.loop import estimate_x0
+
+    if not (weights_dir() / FILENAME).is_file():
+        pytest.skip("LPIPS weights missing: run `geosr weights fetch`")
+    trainer = Trainer(tiny_config(tmp_path, lpips_weight=2.0, p_modality_drop=0.0, p_text_drop=0.0, p_uncond=0.0,
+                                  model={**TINY_MODEL, "residual_scale": 4.0}))
+    hr = smooth_hr(size=64)[None]
+    prior = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(hr, 4), scale_factor=4, mode="bilinear")
+    batch = trainer.prepare(hr, torch.nn.functional.avg_pool2d(hr, 4), prior)
+    # the image the target stands for is the HR crop itself (the residual unscaled and added to the prior)
+    torch.testing.assert_close(trainer.working_image(batch.x0, batch.cond_w), 2 * hr - 1, atol=1e-5, rtol=0)
+    t, noise = torch.tensor([999]), torch.randn(batch.x0.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        total = float(trainer.loss(batch, t, noise))
+        lpips, trainer.lpips = trainer.lpips, None
+        mse = float(trainer.loss(batch, t, noise))
+        scheduler = trainer.pipeline.scheduler
+        pred = trainer.model(scheduler.add_noise(batch.x0, noise, t), t, batch.cond_w, batch.text_states,
+                             batch.text_mask, batch.codes, None)
+        x0 = estimate_x0(scheduler, scheduler.add_noise(batch.x0, noise, t), pred, t)
+        expected = float(lpips(trainer.working_image(x0, batch.cond_w).clamp(-1, 1), 2 * hr - 1).mean())
+    assert expected > 0.01
+    assert total == pytest.approx(mse + 2.0 * expected, rel=1e-4)

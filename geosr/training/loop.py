@@ -100,6 +100,12 @@ class TrainConfig:
     p_modality_drop: float = 0.1  # per sample and modality: replace its codes by the null token
     p_text_drop: float = 0.1  # per sample: mask the caption out entirely
     p_uncond: float = 0.1  # per sample: drop every condition together (the cfg guidance branch)
+    # few-step training: only the timesteps a sampler of this many steps visits (trailing spacing, as inference
+    # uses them); None: every one of the schedule's timesteps. 1 is a one-step model (t = T only)
+    timesteps: int | None = None
+    # LPIPS (AlexNet v0.1) between the image decoded from the model's x0 estimate and the HR crop, added to the
+    # diffusion MSE with this weight; 0: off. With timesteps 1 this trains a one-step model for perception
+    lpips_weight: float = 0.0
     ema_decay: float = 0.999  # EMA decay of the trained weights (warmed up as min(decay, (1+n)/(10+n)))
     checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
     log_every: int = 10  # steps between log lines / train_log.jsonl entries
@@ -127,6 +133,11 @@ class TrainConfig:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.tokenizer_steps < 0 or self.warmup_steps < 0:
             raise ConfigError("tokenizer_steps and warmup_steps must be >= 0")
+        if self.timesteps is not None and not 1 <= self.timesteps <= m.num_train_timesteps:
+            raise ConfigError(f"timesteps={self.timesteps}: give a step count from 1 to {m.num_train_timesteps}, "
+                              "or null for all")
+        if self.lpips_weight < 0:
+            raise ConfigError(f"lpips_weight={self.lpips_weight}: must be >= 0")
         for name in ("p_modality_drop", "p_text_drop", "p_uncond"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name}={getattr(self, name)}: a probability must lie in [0, 1]")
@@ -206,6 +217,14 @@ def draw_drop_flags(batch: int, modalities: tuple[str, ...], *, p_modality: floa
     uncond = u[0] < p_uncond  # (B,)
     mods = {m: (u[2 + i] < p_modality) | uncond for i, m in enumerate(modalities)}
     return DropFlags(modalities=mods, text=(u[1] < p_text) | uncond)
+
+
+def estimate_x0(scheduler, noisy: Tensor, pred: Tensor, t: Tensor) -> Tensor:
+    """The model's estimate of the clean sample from its output ``pred`` (noise or velocity) at timesteps ``t``."""
+    ab = scheduler.alphas_cumprod.to(noisy.device)[t].float().view(-1, *[1] * (noisy.dim() - 1))  # (B, 1, 1, 1)
+    if scheduler.config.prediction_type == "epsilon":
+        return (noisy - (1 - ab).sqrt() * pred) / ab.sqrt()
+    return ab.sqrt() * noisy - (1 - ab).sqrt() * pred
 
 
 class EMA:
@@ -319,6 +338,16 @@ class Trainer:
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.ema = EMA(self.raw_model, cfg.ema_decay)
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)  # t, noise and drop flags
+        self.train_timesteps = None  # (n,) the timesteps trained on; None: all
+        if cfg.timesteps is not None:
+            pipe.scheduler.set_timesteps(cfg.timesteps)
+            self.train_timesteps = pipe.scheduler.timesteps.clone()
+        self.lpips = None
+        if cfg.lpips_weight > 0:
+            from ..config import weights_dir
+            from ..scoring.lpips import FILENAME, LPIPS
+
+            self.lpips = LPIPS.from_file(weights_dir() / FILENAME, device=self.device).requires_grad_(False).eval()
         self.degrade_rng = np.random.default_rng([cfg.seed, 2])
         self.step_count, self.seconds, self.last_loss = 0, 0.0, float("nan")  # last_loss: last logged window
 
@@ -355,7 +384,10 @@ class Trainer:
     def draw(self, batch: Batch) -> tuple[Tensor, Tensor, DropFlags]:
         """Random timesteps ``(B,)``, noise like ``x0`` and drop flags, from the run's generator."""
         cfg, B = self.config, batch.x0.shape[0]
-        t = torch.randint(0, self.pipeline.scheduler.config.num_train_timesteps, (B,), generator=self.generator)
+        if self.train_timesteps is None:
+            t = torch.randint(0, self.pipeline.scheduler.config.num_train_timesteps, (B,), generator=self.generator)
+        else:
+            t = self.train_timesteps[torch.randint(0, len(self.train_timesteps), (B,), generator=self.generator)]
         noise = torch.randn(batch.x0.shape, generator=self.generator, dtype=batch.x0.dtype)  # (B, C, h, w)
         flags = draw_drop_flags(B, tuple(batch.codes), p_modality=cfg.p_modality_drop, p_text=cfg.p_text_drop,
                                 p_uncond=cfg.p_uncond, generator=self.generator)
@@ -372,7 +404,19 @@ class Trainer:
             drop = {m: f.to(self.device) for m, f in flags.modalities.items() if batch.codes.get(m) is not None}
         with self.accelerator.autocast():
             pred = self.model(noisy, t, batch.cond_w, batch.text_states, mask, batch.codes, drop)
-        return F.mse_loss(pred.float(), target.float())
+        loss = F.mse_loss(pred.float(), target.float())
+        if self.lpips is not None:
+            x0 = estimate_x0(scheduler, noisy, pred.float(), t)  # (B, C, h, w)
+            loss = loss + self.config.lpips_weight * self.lpips(self.working_image(x0, batch.cond_w).clamp(-1, 1),
+                                                                self.working_image(batch.x0, batch.cond_w)).mean()
+        return loss
+
+    def working_image(self, x0: Tensor, cond_w: Tensor) -> Tensor:
+        """A diffusion sample in working space -> the image (B, 3, H, W) in [-1, 1] it stands for."""
+        pipe = self.pipeline
+        if pipe.config.residual:
+            x0 = cond_w + x0 / pipe.config.residual_scale
+        return pipe.from_working(x0)
 
     def learning_rate(self, step: int) -> float:
         warm = self.config.warmup_steps
