@@ -278,7 +278,7 @@ def test_few_step_training_draws_only_the_samplers_timesteps(tmp_path):
     assert drawn == {int(v) for v in pipe.scheduler.timesteps} == {999, 499}  # trailing spacing, as inference
     everywhere = Trainer(tiny_config(tmp_path / "all"))
     assert len({int(v) for _ in range(20) for v in everywhere.draw(batch)[0]}) > 20
-    for bad in (dict(timesteps=0), dict(timesteps=1001), dict(lpips_weight=-1.0)):
+    for bad in ({"timesteps": 0}, {"timesteps": 1001}, {"lpips_weight": -1.0}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             tiny_config(tmp_path, **bad)
 
