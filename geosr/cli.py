@@ -44,7 +44,7 @@ def _add_tiling(p: argparse.ArgumentParser) -> None:
 def _add_diffusion(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("diffusion models (--model mmsr)")
     g.add_argument("--checkpoint", default=None, help="MMSR checkpoint folder (from `geosr train`) or Hugging Face id")
-    g.add_argument("--steps", type=int, default=None, help="denoising steps (default 4)")
+    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: the checkpoint's recommendation, else 4)")
     g.add_argument("--guidance", type=float, default=None, help="guidance weight w (default 0: unguided)")
     g.add_argument("--guidance-mode", dest="guidance_mode", default=None, choices=["cfg", "m0-cfg", "m-cfg"],
                    help="what the negative branch keeps (default m-cfg: the real modalities)")

@@ -64,7 +64,7 @@ class EnhanceConfig:
     keep_grey: bool = True
     # diffusion models (mmsr) only; other models ignore these
     checkpoint: str | None = None  # MMSR checkpoint folder (from `geosr train`) or Hugging Face id owner/name
-    steps: int = 4  # denoising steps (DDIM, trailing spacing: few steps work)
+    steps: int | None = None  # denoising steps (DDIM, trailing spacing); None: the checkpoint's own, else 4
     guidance: float = 0.0  # w of (1 + w) * eps_pos - w * eps_neg; 0: unguided (half the work)
     guidance_mode: str = "m-cfg"  # cfg | m0-cfg | m-cfg: what the negative branch keeps (see the pipeline)
     temperatures: dict | str | None = None  # per-modality attention temperature, e.g. "depth=0.5,edges=2"; 1 neutral

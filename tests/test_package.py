@@ -20,7 +20,7 @@ from geosr.scene import enhance_array, plan  # noqa: E402
 from geosr.training.package import embed  # noqa: E402
 
 TINY = tiny_mmsr_config()
-RECOMMENDED = {"strength": 0.5, "consistency": 0.25, "tile": 24}
+RECOMMENDED = {"strength": 0.5, "consistency": 0.25, "tile": 24, "steps": 3}
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +70,8 @@ def test_embed_writes_a_float16_bundle_with_the_settings(source, embedded):
 
 
 def test_embed_refuses_unknown_settings(source, tmp_path):
-    with pytest.raises(ConfigError, match="steps"):
-        embed(source, tmp_path / "bad", {"strength": 0.5, "steps": 4})
+    with pytest.raises(ConfigError, match="guidance"):
+        embed(source, tmp_path / "bad", {"strength": 0.5, "guidance": 4})
     assert not (tmp_path / "bad").exists()
 
 
@@ -90,13 +90,16 @@ def test_re_embedding_keeps_the_model_card_and_leaves_no_tmp(source, tmp_path):
 
 def test_recorded_settings_apply_when_the_run_leaves_them_unset(source, embedded):
     model = MMSRModel()
-    model.configure(config(embedded))
-    assert (model.strength, model.consistency, model.default_tile) == (0.5, 0.25, 24)
+    model.configure(config(embedded, steps=None))
+    assert (model.strength, model.consistency, model.default_tile, model.steps) == (0.5, 0.25, 24, 3)
     assert plan((40, 40), model, config(embedded)).rows.tile == 24
     # explicit flags win
     model = MMSRModel()
-    model.configure(config(embedded, strength=1.0, consistency=0.0, tile=16))
-    assert (model.strength, model.consistency) == (1.0, 0.0)
+    model.configure(config(embedded, strength=1.0, consistency=0.0, tile=16, steps=2))
+    assert (model.strength, model.consistency, model.steps) == (1.0, 0.0, 2)
+    model = MMSRModel()  # a checkpoint that recommends nothing: 4 steps
+    model.configure(config(source, steps=None))
+    assert model.steps == 4
     assert plan((40, 40), model, config(embedded, tile=16, overlap=2)).rows.tile == 16
     # a checkpoint without recorded settings keeps the model's own defaults
     model = MMSRModel()

@@ -1,7 +1,7 @@
 """Turning a training checkpoint into a committed, embedded default (``geosr/checkpoints/mmsr-aerial-x4``).
 
 :func:`embed` loads the checkpoint's bundle (EMA weights), records the run settings chosen on the benchmark
-(``meta["inference"]``: strength, consistency, tile) and where the weights came from, and writes the bundle in
+(``meta["inference"]``: strength, consistency, tile, steps) and where the weights came from, and writes the bundle in
 float16 without the optimizer and RNG state. ``MMSRModel`` applies the recorded settings to every run that leaves
 them unset.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-KEYS = ("strength", "consistency", "tile")
+KEYS = ("strength", "consistency", "tile", "steps")
 
 
 def embed(src: str | Path, dst: str | Path, inference: dict, **meta) -> Path:

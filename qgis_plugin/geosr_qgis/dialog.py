@@ -90,8 +90,9 @@ class EnhanceDialog(QDialog):
         self.guidance_mode.addItems(GUIDANCE_MODES)
         mform.addRow("Guidance mode", self.guidance_mode)
         self.steps = QSpinBox()
-        self.steps.setRange(1, 1000)
-        self.steps.setValue(4)
+        self.steps.setRange(0, 1000)
+        self.steps.setSpecialValueText("checkpoint's")  # 0: the checkpoint's recommendation (else 4)
+        self.steps.setValue(0)
         mform.addRow("Steps", self.steps)
         self.seed = QSpinBox()
         self.seed.setRange(0, 2**31 - 1)
@@ -150,6 +151,6 @@ class EnhanceDialog(QDialog):
                 setattr(opts, name, layer_file(chosen.source()) if chosen is not None else None)
             opts.guidance = self.guidance.value() or None
             opts.guidance_mode = self.guidance_mode.currentText()
-            opts.steps = self.steps.value()
+            opts.steps = self.steps.value() or None
             opts.seed = self.seed.value()
         return opts

@@ -142,7 +142,7 @@ class MMSRModel(SRModel):
 
     def inference_defaults(self) -> dict:
         """The loaded checkpoint's recommended run settings (``meta["inference"]``: strength, consistency,
-        tile); empty when it records none."""
+        tile, steps); empty when it records none."""
         return dict(self._bundle.meta.get("inference", {})) if self._bundle is not None else {}
 
     @property
@@ -156,7 +156,7 @@ class MMSRModel(SRModel):
         super().configure(config)
         self.checkpoint = config.checkpoint if config.checkpoint is not None else (
             self.default_checkpoint if self.default_checkpoint is not None else embedded_checkpoint())
-        self.steps = config.steps
+        self.steps = 4 if config.steps is None else config.steps
         self.guidance = config.guidance
         self.guidance_mode = config.guidance_mode
         self.temperatures = parse_temperatures(config.temperatures)
@@ -179,6 +179,8 @@ class MMSRModel(SRModel):
             recommended = self.inference_defaults()
             if strength is None:
                 self.strength = float(recommended.get("strength", 1.0))
+            if config.steps is None:
+                self.steps = int(recommended.get("steps", 4))
             if getattr(config, "consistency", None) is None:
                 self.consistency = float(recommended.get("consistency", self.default_consistency))
             known = set(self._bundle.pipeline.conditioner.keys)
