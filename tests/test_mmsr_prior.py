@@ -35,6 +35,34 @@ def test_the_conditioning_image_is_the_priors_output():
     assert plain.shape == cond.shape and (plain - cond).abs().mean() > 0.01
 
 
+def test_the_priors_output_is_cached_by_tile_content(monkeypatch):
+    import geosr.models.mmsr.bundle as bundle_module
+
+    bundle = build_bundle(MMSRConfig(**{**TINY.__dict__, "prior": "nearest"}), seed=0)
+    stage1 = bundle._stage1()
+    calls = []
+    real = stage1.upscale
+    monkeypatch.setattr(stage1, "upscale", lambda x, s: calls.append(x.copy()) or real(x, s))
+    lr = lr_batch()
+    first = bundle.condition_image(lr)
+    assert len(calls) == 2
+    again = bundle.condition_image(lr.clone())  # the same pixels: nothing recomputed, the same result
+    assert len(calls) == 2
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    changed = lr.clone()
+    changed[1, 0, 3, 3] += 0.25  # one pixel of one tile differs: that tile alone is recomputed
+    out = bundle.condition_image(changed)
+    assert len(calls) == 3 and np.array_equal(calls[-1], changed[1].numpy())
+    torch.testing.assert_close(out[0], first[0], rtol=0, atol=0)
+    assert not torch.equal(out[1], first[1])
+    # bounded: with room for one tile only the most recent stays
+    monkeypatch.setattr(bundle_module, "PRIOR_CACHE_BYTES", first[0].numel() * 4)
+    bundle.condition_image(lr[:1] * 0.5)  # a new tile: the three older ones are evicted
+    assert len(calls) == 4 and len(bundle._prior_cache) == 1
+    bundle.condition_image(lr[:1])  # evicted: computed again
+    assert len(calls) == 5 and len(bundle._prior_cache) == 1
+
+
 def test_a_prior_must_be_a_plain_sr_model():
     for bad in ("mmsr", "no-such-model"):
         bundle = build_bundle(MMSRConfig(**{**TINY.__dict__, "prior": bad}), seed=0)

@@ -21,6 +21,8 @@ import hashlib
 import json
 import logging
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +41,7 @@ FORMAT = 1
 INDEX = "mmsr.json"
 TEXT_ENCODERS = ("minilm", "hash", "none", "base")
 EXTRACTABLE = ("edges", "segmentation")  # modalities computed from the image itself
+PRIOR_CACHE_BYTES = 64 * 2**20  # stage-1 outputs kept per bundle, by input tile (sweeps re-run the same tiles)
 
 
 @dataclass
@@ -183,6 +186,10 @@ class MMSRBundle:
     tokenizers: dict[str, ModalityTokenizer]
     meta: dict = field(default_factory=dict)
     stage1: object = field(default=None, init=False, repr=False)  # the prior's SRModel, loaded on first use
+    # stage-1 outputs by LR tile content, most recent last (guidance or temperature sweeps and ablations run the
+    # same tiles again, and the prior costs more than a few diffusion steps); at most PRIOR_CACHE_BYTES
+    _prior_cache: OrderedDict = field(default_factory=OrderedDict, init=False, repr=False)
+    _prior_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     # -- conditions ----------------------------------------------------------------------------------------------
 
@@ -192,10 +199,25 @@ class MMSRBundle:
         prior's output (``config.prior``), else the pipeline's bicubic."""
         if self.config.prior is None:
             return self.pipeline.condition_image(lr)
-        prior = self._stage1()
         arrays = lr.detach().float().clamp(0, 1).cpu().numpy()
-        out = np.stack([prior.upscale(a, self.config.scale) for a in arrays])  # (B, 3, H, W)
-        return torch.from_numpy(np.clip(out, 0, 1).astype(np.float32)).to(lr.device)
+        out = np.stack([self._prior_output(np.ascontiguousarray(a)) for a in arrays])  # (B, 3, H, W)
+        return torch.from_numpy(out).to(lr.device)
+
+    def _prior_output(self, lr: np.ndarray) -> np.ndarray:
+        """The stage-1 prior's output for one LR tile ``(3, h, w)``, clipped to [0, 1]; cached by content."""
+        key = (lr.shape, hashlib.blake2b(lr.tobytes(), digest_size=16).digest())
+        with self._prior_lock:
+            hit = self._prior_cache.get(key)
+            if hit is not None:
+                self._prior_cache.move_to_end(key)
+                return hit
+        out = np.clip(self._stage1().upscale(lr, self.config.scale), 0, 1).astype(np.float32)
+        out.setflags(write=False)
+        with self._prior_lock:
+            self._prior_cache[key] = out
+            while sum(v.nbytes for v in self._prior_cache.values()) > PRIOR_CACHE_BYTES and len(self._prior_cache) > 1:
+                self._prior_cache.popitem(last=False)
+        return out
 
     def _stage1(self):
         if self.stage1 is None:
