@@ -7,6 +7,10 @@ with the anchors:
     .venv/bin/python benchmarks/modality_ablation.py runs/mmsr_prior/final --steps 1 --anchors \\
         --json benchmarks/results/modality_ablation.json
 
+``--guidance 2,10,14`` adds the guidance ablation (every mode of ``guidance_ablation.py`` at each w, all
+conditions) to the same run: one process, so a checkpoint with a stage-1 prior runs the prior once per tile
+(``MMSRBundle`` caches it) instead of once per variant.
+
 Height is not in the list: checkpoints trained on ../shared/data/train have no depth tokenizer (no heights there).
 """
 
@@ -18,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from guidance_ablation import MODES  # noqa: E402
 from mmsr_compare import run_variants  # noqa: E402
 
 from geosr.bench import DEFAULT_METHODS, SCALE  # noqa: E402
@@ -36,6 +41,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--anchors", action="store_true", help="also run bicubic, RRDN-GAN and Real-ESRGAN")
     p.add_argument("--only", default=None, help="comma list of variant names to run (default: all)")
+    p.add_argument("--guidance", default=None, help="comma list of w: also run every guidance mode at each")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -47,6 +53,11 @@ def main(argv=None) -> int:
         drop = ",".join(c for c in CONDITIONS if c not in keep) or None
         variants[f"mmsr {name}"] = EnhanceConfig(model="mmsr", scale=SCALE, checkpoint=args.checkpoint,
                                                  steps=args.steps, drop=drop, threads=args.threads)
+    for w in (float(v) for v in (args.guidance.split(",") if args.guidance else [])):
+        for mode in MODES:
+            variants[f"mmsr all {mode} w={w:g}"] = EnhanceConfig(model="mmsr", scale=SCALE, checkpoint=args.checkpoint,
+                                                                 steps=args.steps, guidance=w, guidance_mode=mode,
+                                                                 threads=args.threads)
     run_variants(variants, args.degradations, args.json, checkpoint=args.checkpoint, steps=args.steps)
     return 0
 

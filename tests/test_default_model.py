@@ -12,7 +12,8 @@ from geosr.models import DEFAULT_MODEL, get_model
 from geosr.models.fusion import EXPERTS, WEIGHTS
 
 HERE = Path(__file__).resolve().parent
-SLICE = HERE / "data" / "aerial_x4_slice.npz"  # written by `python tests/test_default_model.py`
+SLICE = HERE / "data" / "aerial_x4_slice.npz"  # written by `python tests/test_default_model.py aerial-x4`
+MMSR_SLICE = HERE / "data" / "mmsr_aerial_x4_slice.npz"  # written by `python tests/test_default_model.py mmsr`
 FIXTURE = data_dir() / "fixtures" / "zurich_swissimage_tile00_175x120.tif"
 experts_present = all(get_model(name).weights_present() for name in EXPERTS)
 
@@ -63,8 +64,39 @@ def test_committed_stage1_weights_reproduce_the_stored_output():
     assert diff.max() <= 1 and diff.mean() < 0.05
 
 
-if __name__ == "__main__":  # regenerate the stored slice after retraining aerial-x4
-    out = _run(model="aerial-x4")
-    SLICE.parent.mkdir(exist_ok=True)
-    np.savez_compressed(SLICE, slice=out[:, 64:128, 64:128], shape=np.array(out.shape))
-    print(f"wrote {SLICE}")
+def test_the_trained_mmsr_is_committed_small_listed_and_runs_as_recommended(run_cli):
+    from geosr.models.mmsr.model import EMBEDDED, embedded_checkpoint
+
+    assert embedded_checkpoint() == EMBEDDED
+    assert sum(p.stat().st_size for p in EMBEDDED.rglob("*") if p.is_file()) < 50_000_000
+    assert (EMBEDDED / "MODEL_CARD.md").is_file()
+    model = get_model("mmsr")
+    model.configure(EnhanceConfig(model="mmsr", scale=4))  # no --checkpoint, --steps or --consistency
+    assert model.checkpoint == EMBEDDED
+    assert (model.steps, model.consistency) == (1, 0.5)  # the settings recorded when it was embedded
+    prov = model.provenance()
+    assert "committed with geosr" in prov["registry"] and int(prov["version"].split()[0]) > 0
+    proc = run_cli("models")
+    assert proc.returncode == 0, proc.stderr
+    assert "geosr-trained:mmsr-aerial-x4" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (experts_present and FIXTURE.is_file()), reason="expert weights or the fixture missing")
+def test_committed_mmsr_weights_reproduce_the_stored_output():
+    stored = np.load(MMSR_SLICE)
+    out = _run(model="mmsr")  # the embedded checkpoint with its recommended settings
+    assert out.shape == tuple(stored["shape"])
+    diff = np.abs(out[:, 64:128, 64:128].astype(np.int16) - stored["slice"].astype(np.int16))
+    assert diff.max() <= 1 and diff.mean() < 0.05
+
+
+if __name__ == "__main__":  # regenerate a stored slice after retraining: aerial-x4 or mmsr
+    import sys
+
+    name = sys.argv[1] if len(sys.argv) > 1 else "aerial-x4"
+    path = {"aerial-x4": SLICE, "mmsr": MMSR_SLICE}[name]
+    out = _run(model=name)
+    path.parent.mkdir(exist_ok=True)
+    np.savez_compressed(path, slice=out[:, 64:128, 64:128], shape=np.array(out.shape))
+    print(f"wrote {path}")

@@ -105,10 +105,14 @@ def test_settings_change_the_output(checkpoint):
         assert np.abs(other.astype(int) - base.astype(int)).max() > 0, kw
 
 
-def test_missing_checkpoint_and_bad_settings(checkpoint, tmp_path):
+def test_missing_checkpoint_and_bad_settings(checkpoint, tmp_path, monkeypatch):
+    import geosr.models.mmsr.model as mmsr_model
+
+    monkeypatch.setattr(mmsr_model, "EMBEDDED", tmp_path / "not-committed")  # a copy without the embedded one
     model = MMSRModel()
     with pytest.raises(WeightsError, match="--checkpoint"):
         model.prepare()
+    monkeypatch.undo()
     with pytest.raises(WeightsError, match="not an MMSR checkpoint"):
         MMSRModel(checkpoint=tmp_path).prepare()
     with pytest.raises(WeightsError, match="no such folder"):
