@@ -312,7 +312,7 @@ def test_lpips_weight_adds_lpips_of_the_decoded_estimate(tmp_path):
     prior = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(hr, 4), scale_factor=4, mode="bilinear")
     batch = trainer.prepare(hr, torch.nn.functional.avg_pool2d(hr, 4), prior)
     # the image the target stands for is the HR crop itself (the residual unscaled and added to the prior)
-    torch.testing.assert_close(trainer.working_image(batch.x0, batch.cond_w), 2 * hr - 1, atol=1e-5, rtol=0)
+    torch.testing.assert_close(trainer.pipeline.working_image(batch.x0, batch.cond_w), 2 * hr - 1, atol=1e-5, rtol=0)
     t, noise = torch.tensor([999]), torch.randn(batch.x0.shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         total = float(trainer.loss(batch, t, noise))
@@ -322,6 +322,6 @@ def test_lpips_weight_adds_lpips_of_the_decoded_estimate(tmp_path):
         pred = trainer.model(scheduler.add_noise(batch.x0, noise, t), t, batch.cond_w, batch.text_states,
                              batch.text_mask, batch.codes, None)
         x0 = estimate_x0(scheduler, scheduler.add_noise(batch.x0, noise, t), pred, t)
-        expected = float(lpips(trainer.working_image(x0, batch.cond_w).clamp(-1, 1), 2 * hr - 1).mean())
+        expected = float(lpips(trainer.pipeline.working_image(x0, batch.cond_w).clamp(-1, 1), 2 * hr - 1).mean())
     assert expected > 0.01
     assert total == pytest.approx(mse + 2.0 * expected, rel=1e-4)

@@ -407,16 +407,10 @@ class Trainer:
         loss = F.mse_loss(pred.float(), target.float())
         if self.lpips is not None:
             x0 = estimate_x0(scheduler, noisy, pred.float(), t)  # (B, C, h, w)
-            loss = loss + self.config.lpips_weight * self.lpips(self.working_image(x0, batch.cond_w).clamp(-1, 1),
-                                                                self.working_image(batch.x0, batch.cond_w)).mean()
+            image = self.pipeline.working_image
+            loss = loss + self.config.lpips_weight * self.lpips(image(x0, batch.cond_w).clamp(-1, 1),
+                                                                image(batch.x0, batch.cond_w)).mean()
         return loss
-
-    def working_image(self, x0: Tensor, cond_w: Tensor) -> Tensor:
-        """A diffusion sample in working space -> the image (B, 3, H, W) in [-1, 1] it stands for."""
-        pipe = self.pipeline
-        if pipe.config.residual:
-            x0 = cond_w + x0 / pipe.config.residual_scale
-        return pipe.from_working(x0)
 
     def learning_rate(self, step: int) -> float:
         warm = self.config.warmup_steps

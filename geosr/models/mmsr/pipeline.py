@@ -309,9 +309,15 @@ class MMSRPipeline(DiffusionPipeline):
 
     def decode_sample(self, x0: Tensor, cond: Tensor) -> Tensor:
         """Inverse of :meth:`encode_target`: working-space ``x0`` -> image (B, 3, H, W), clipped to [0, 1]."""
+        cond_w = self.to_working(2 * cond - 1) if self.config.residual else None  # (B, C, h, w)
+        return ((self.working_image(x0, cond_w) + 1) / 2).clamp(0, 1)
+
+    def working_image(self, x0: Tensor, cond_w: Tensor | None) -> Tensor:
+        """Working-space ``x0`` -> the image (B, 3, H, W) in [-1, 1] it stands for, unclipped; ``cond_w`` is the
+        conditioning image in working space (``to_working(2 * cond - 1)``; unused outside residual mode)."""
         if self.config.residual:
-            x0 = self.to_working(2 * cond - 1) + x0 / self.config.residual_scale  # (B, C, h, w)
-        return ((self.from_working(x0) + 1) / 2).clamp(0, 1)
+            x0 = cond_w + x0 / self.config.residual_scale
+        return self.from_working(x0)
 
     @property
     def working_factor(self) -> int:
