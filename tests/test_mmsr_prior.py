@@ -96,3 +96,60 @@ def test_a_residual_model_that_adds_nothing_returns_the_prior(tmp_path):
     bicubic = enhance_array(image, EnhanceConfig(model="bicubic")).astype(float)
     assert np.abs(out - nearest).mean() < 1.0 < np.abs(out - bicubic).mean(), (
         np.abs(out - nearest).mean(), np.abs(out - bicubic).mean())
+
+
+def _zeroed_prior_checkpoint(tmp_path):
+    bundle = build_bundle(MMSRConfig(**{**TINY.__dict__, "prior": "nearest"}), seed=0)
+    with torch.no_grad():
+        bundle.pipeline.unet.conv_out.weight.zero_()
+        bundle.pipeline.unet.conv_out.bias.zero_()
+    return bundle.save(tmp_path / "zero")
+
+
+def test_a_large_tile_runs_the_prior_once_and_diffuses_subtiles_of_the_training_side(tmp_path, monkeypatch):
+    path = _zeroed_prior_checkpoint(tmp_path)
+    model = get_model("mmsr")
+    model.configure(EnhanceConfig(model="mmsr", checkpoint=str(path), steps=1))
+    nearest = get_model("nearest")
+    # the engine gives the prior its own tile and context
+    assert model.default_tile == max(nearest.default_tile, TINY.tile)
+    assert model.receptive_field >= nearest.receptive_field
+    stage1 = model._bundle._stage1()
+    prior_calls, batches = [], []
+    real_prior, real_sample = stage1.upscale, model._sample
+    monkeypatch.setattr(stage1, "upscale", lambda x, s: prior_calls.append(x.shape) or real_prior(x, s))
+    monkeypatch.setattr(model, "_sample", lambda lr, cond, seg: batches.append(lr.shape) or cond.numpy())
+    x = texture((3, 56, 40), dtype="float32", lo=0, hi=1, seed=7)
+    model.begin_scene(x)
+    out = model.upscale(x, 4)
+    assert prior_calls == [(3, 56, 40)]  # once, on the whole tile
+    assert all(shape[1:] == (3, TINY.tile, TINY.tile) for shape in batches)
+    assert sum(shape[0] for shape in batches) > 4
+    # each sub-tile returning its slice of the conditioning image: the blend gives that image back exactly,
+    # so sub-tiles sit where they belong and their weights sum to one everywhere
+    np.testing.assert_allclose(out, real_prior(x, 4), atol=1e-6)
+
+
+def test_subtiled_sampling_through_the_engine_gives_the_prior_back_for_a_model_that_adds_nothing(tmp_path):
+    path = _zeroed_prior_checkpoint(tmp_path)
+    image = texture((3, 72, 56), seed=5)
+    out = enhance_array(image, EnhanceConfig(model="mmsr", checkpoint=str(path), steps=1, threads=1)).astype(float)
+    nearest = enhance_array(image, EnhanceConfig(model="nearest")).astype(float)
+    assert out.shape == nearest.shape and np.abs(out - nearest).mean() < 1.0, np.abs(out - nearest).mean()
+
+
+def test_a_tile_larger_than_the_training_side_is_subtiled_and_reproducible(tmp_path, monkeypatch):
+    from conftest import save_tiny_mmsr
+
+    model = get_model("mmsr")
+    model.configure(EnhanceConfig(model="mmsr", checkpoint=str(save_tiny_mmsr(tmp_path / "tiny")), steps=1))
+    side = model._bundle.config.tile
+    seen = []
+    real = model._sample
+    monkeypatch.setattr(model, "_sample", lambda lr, cond, seg: seen.append(lr.shape) or real(lr, cond, seg))
+    x = texture((3, 2 * side + 5, side + 3), dtype="float32", lo=0, hi=1, seed=2)
+    model.begin_scene(x)
+    first = model.upscale(x, 4)
+    assert first.shape == (3, 4 * x.shape[1], 4 * x.shape[2]) and np.isfinite(first).all()
+    assert seen and all(shape[1:] == (3, side, side) for shape in seen)
+    np.testing.assert_array_equal(model.upscale(x, 4), first)  # seeded from each sub-tile's pixels

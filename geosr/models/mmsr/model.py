@@ -1,18 +1,22 @@
 """The MMSR diffusion model as a tiled-engine model (``--model mmsr``).
 
 Per scene (:meth:`MMSRModel.begin_scene`): one caption, from a decimated view of the whole scene.
-Per tile (:meth:`MMSRModel.upscale`):
+Per engine tile (:meth:`MMSRModel.upscale`):
 
-1. the LR tile is reflect-padded to a side the UNet accepts;
-2. the conditioning image is bicubic(LR), or the checkpoint's stage-1 prior's output (what it was trained with);
-3. edges and segmentation are extracted from the conditioning image and tokenized (depth is missing: its null
-   token), exactly as in training (:class:`~geosr.models.mmsr.bundle.MMSRBundle`); with the user's land cover
-   or vectors (``--landcover``, ``--vectors``) the segmentation is theirs, put into the model's classes on the
-   tile's georeferenced output grid (:mod:`geosr.conditioning.user`);
+1. the conditioning image is bicubic(LR), or the checkpoint's stage-1 prior's output (what it was trained with),
+   made once for the whole tile (the prior is the costly part and wants context: a checkpoint with a prior gets
+   the prior's engine tile and overlap by default);
+2. a tile larger than the side the model was trained at (``config.tile``) is cut into sub-tiles of that side,
+   overlapping and cross-faded, diffused in batches; a smaller one is reflect-padded to a side the UNet accepts;
+3. per (sub-)tile, edges and segmentation are extracted from its conditioning image and tokenized (depth is
+   missing: its null token), exactly as in training (:class:`~geosr.models.mmsr.bundle.MMSRBundle`); with the
+   user's land cover or vectors (``--landcover``, ``--vectors``) the segmentation is theirs, put into the model's
+   classes on the tile's georeferenced output grid (:mod:`geosr.conditioning.user`);
 4. the pipeline samples with the run's steps, guidance and temperatures (and, with SAMSR on, segment-shared
-   noise and per-class strengths from the land-cover heuristic at the output resolution); the noise is seeded from the run's
-   seed and the tile's own pixels, so a tile gives the same output whatever order tiles run in;
-5. the padding is cut off.
+   noise and per-class strengths from the land-cover heuristic at the output resolution); the noise is seeded
+   from the run's seed and the (sub-)tile's own pixels, so a tile gives the same output whatever order tiles run
+   in;
+5. the padding is cut off, or the sub-tiles are blended.
 """
 
 from __future__ import annotations
@@ -24,9 +28,12 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import ConfigError, WeightsError
+from ...tiling import reflect_indices
 from ..base import SRModel
 
 log = logging.getLogger(__name__)
+
+SUBTILE_BATCH = 16  # sub-tiles diffused in one pipeline call
 
 ALIASES = {"edge": "edges", "seg": "segmentation", "landcover": "segmentation", "height": "depth", "dsm": "depth",
            "caption": "text"}
@@ -105,7 +112,6 @@ class MMSRModel(SRModel):
 
     name = "mmsr"
     channels = 3
-    edge = "reflect"
     description = "multimodal diffusion SR (MMSR): caption + segmentation + edges (+ depth)"
     reads_geodata = True
     missing_hint = "pass --checkpoint DIR (a folder written by `geosr train`) or a Hugging Face id"
@@ -136,9 +142,28 @@ class MMSRModel(SRModel):
 
     @property
     def default_tile(self) -> int:
+        """The checkpoint's recommended tile; else the prior's engine tile (the prior runs once per tile and the
+        diffusion in sub-tiles inside it); else the side the model was trained at."""
         if self._bundle is None:
             return 64
-        return int(self.inference_defaults().get("tile", self._bundle.config.tile))
+        prior = self._prior_traits()
+        fallback = max(prior[1], self._bundle.config.tile) if prior else self._bundle.config.tile
+        return int(self.inference_defaults().get("tile", fallback))
+
+    @property
+    def edge(self) -> str:
+        """With a stage-1 prior, tiles are cut at the scene edge, as the prior's own are (the sub-tiles inside are
+        reflect-padded to the training side); without one, every tile is the full side the model was trained at."""
+        return "cut" if self._prior_traits() else "reflect"
+
+    def _prior_traits(self) -> tuple[int, int] | None:
+        """(receptive field, default tile) of the checkpoint's stage-1 prior, or None without one."""
+        if self._bundle is None or self._bundle.config.prior is None:
+            return None
+        from .. import get_model
+
+        prior = get_model(self._bundle.config.prior)
+        return int(prior.receptive_field), int(prior.default_tile)
 
     def inference_defaults(self) -> dict:
         """The loaded checkpoint's recommended run settings (``meta["inference"]``: strength, consistency,
@@ -148,8 +173,11 @@ class MMSRModel(SRModel):
     @property
     def receptive_field(self) -> int:
         # the cross-attention makes every output pixel depend on the whole tile; the convolutions reach a few px.
-        # Capped at tile / 8 so the default overlap always fits the tile the model was trained at.
-        return max(1, min(6, self.default_tile // 8))
+        # Capped at tile / 8 so the default overlap always fits the tile the model was trained at. A stage-1 prior
+        # runs on the whole engine tile: its own receptive field counts.
+        own = max(1, min(6, self.default_tile // 8))
+        prior = self._prior_traits()
+        return max(own, prior[0]) if prior else own
 
     def configure(self, config) -> None:
         """Take the run's MMSR settings (checkpoint, steps, guidance, temperatures, seed) from EnhanceConfig."""
@@ -281,53 +309,122 @@ class MMSRModel(SRModel):
         return self.user.maps(tile, heuristic).segmentation
 
     def upscale(self, x: np.ndarray, scale: int) -> np.ndarray:
+        """One engine tile ``(3, h, w)`` -> ``(3, h*s, w*s)``.
+
+        The conditioning image (the stage-1 prior, which is the costly part) is made once for the whole tile.
+        A tile larger than the side the model was trained at (``config.tile``) is then diffused in sub-tiles of
+        that side, batched, each reading its own slice of the conditioning image and cross-faded with
+        :class:`~geosr.tiling.AxisPlan` weights: the model sees tiles of the geometry it was trained on, and a
+        large engine tile gives the prior the context it needs.
+        """
         import torch
 
         self.check_scale(scale)
         self.prepare()
-        bundle = self._bundle
-        pipe = bundle.pipeline
         c, h, w = x.shape
         if c != 3:
             raise ConfigError(f"mmsr takes 3 bands (RGB), got {c}")
-        # 1. pad the LR tile so that the output sides are multiples of what the UNet accepts
+        sub = int(self._bundle.config.tile)
+        if max(h, w) <= sub:
+            return self._upscale_whole(x, scale)
+        bundle, device = self._bundle, self._bundle.pipeline.device
+        lr = np.ascontiguousarray(np.clip(x, 0, 1), dtype=np.float32)
+        cond = bundle.condition_image(torch.from_numpy(lr)[None].to(device))[0]  # (3, H, W), made once
+        seg = None  # (H, W) classes for the conditions (the user's) or for SAMSR; None: each sub-tile's heuristic
+        if self.user is not None and self.user.layers:
+            seg = self._user_segmentation(cond.cpu().numpy(), scale)
+        elif self.samsr_noise > 0 or self.samsr_strength:
+            from ...conditioning import heuristic_segmentation
+
+            seg = heuristic_segmentation(cond.cpu().numpy())
+        rows, cols = (self._subtile_plan(n, sub, scale) for n in (h, w))
+        H, W = h * scale, w * scale
+        out = np.zeros((3, H, W), dtype=np.float64)
+        jobs = [(i, j) for i in range(len(rows)) for j in range(len(cols))]
+        for k in range(0, len(jobs), SUBTILE_BATCH):
+            batch = jobs[k:k + SUBTILE_BATCH]
+            lrs, conds, segs, spans = [], [], [], []
+            for i, j in batch:
+                y0, x0 = rows.starts[i], cols.starts[j]
+                ry, rx = reflect_indices(y0, y0 + sub, h), reflect_indices(x0, x0 + sub, w)
+                oy = reflect_indices(y0 * scale, (y0 + sub) * scale, H)
+                ox = reflect_indices(x0 * scale, (x0 + sub) * scale, W)
+                lrs.append(lr[:, ry][:, :, rx])
+                conds.append(cond[:, torch.from_numpy(oy)][:, :, torch.from_numpy(ox)])
+                if seg is not None:
+                    segs.append(seg[oy][:, ox])
+                spans.append((y0 * scale, x0 * scale, rows.weights(i), cols.weights(j)))
+            res = self._sample(np.stack(lrs), torch.stack(conds), None if seg is None else np.stack(segs))
+            for (a, b, wr, wc), o in zip(spans, res):
+                ya, yb, xa, xb = max(a, 0), min(a + len(wr), H), max(b, 0), min(b + len(wc), W)
+                weight = wr[ya - a:yb - a, None] * wc[None, xa - b:xb - b]
+                out[:, ya:yb, xa:xb] += o[:, ya - a:yb - a, xa - b:xb - b] * weight
+        return out.astype(np.float32)
+
+    @staticmethod
+    def _subtile_plan(length: int, sub: int, scale: int):
+        """Sub-tiles of side ``sub`` along one axis, overlapping by a quarter of it (a halo of an eighth, less one
+        px, so each sub-tile's border pixels carry no weight, and a cross-fade ramp)."""
+        from ...tiling import AxisPlan
+
+        overlap = max(2, sub // 4)
+        return AxisPlan(length=length, tile=sub, overlap=overlap, scale=scale, halo_px=max(0, overlap // 2 - 1))
+
+    def _upscale_whole(self, x: np.ndarray, scale: int) -> np.ndarray:
+        """A tile no larger than the model's training side, in one pass (padded to a side the UNet accepts)."""
+        import torch
+
+        pipe = self._bundle.pipeline
+        c, h, w = x.shape
         multiple = pipe.size_multiple // np.gcd(pipe.size_multiple, scale)
         ph, pw = -h % multiple, -w % multiple
         lr = np.clip(x, 0, 1)
         if ph or pw:
             lr = np.pad(lr, ((0, 0), (0, ph), (0, pw)), mode="reflect" if min(h, w) > max(ph, pw) else "edge")
-        device = pipe.device
-        lr_t = torch.from_numpy(np.ascontiguousarray(lr, dtype=np.float32))[None].to(device)  # (1, 3, h', w')
-        # 2-3. conditioning image, then modalities from it, as in training
-        cond = bundle.condition_image(lr_t)  # (1, 3, H', W'): bicubic, or the stage-1 prior's output
-        seg = None  # (H', W') classes; None: the heuristic's, inside the bundle as in training
+        lr = np.ascontiguousarray(lr, dtype=np.float32)
+        cond = self._bundle.condition_image(torch.from_numpy(lr)[None].to(pipe.device))  # (1, 3, H', W')
+        seg = None
         if self.user is not None and self.user.layers:
-            seg = self._user_segmentation(cond[0].cpu().numpy(), scale)
-        codes = bundle.encode_maps(bundle.conditions(cond, segmentation=None if seg is None else seg[None])[0])
-        codes.update({m: None for m in self.drop & set(codes)})  # dropped: the null token stands in
-        generator = torch.Generator(device="cpu").manual_seed(tile_seed(self.seed, x))
-        samsr = {}
-        if self.samsr_noise > 0 or self.samsr_strength:  # SAMSR: segments at the output resolution
+            seg = self._user_segmentation(cond[0].cpu().numpy(), scale)[None]
+        elif self.samsr_noise > 0 or self.samsr_strength:
             from ...conditioning import heuristic_segmentation
 
-            if seg is None:
-                seg = heuristic_segmentation(cond[0].cpu().numpy())  # (H', W')
-            samsr = {"segmentation": torch.from_numpy(seg)[None].to(device), "samsr_noise": self.samsr_noise,
+            seg = heuristic_segmentation(cond[0].cpu().numpy())[None]
+        out = self._sample(lr[None], cond, seg)[0]
+        return np.ascontiguousarray(out[:, : h * scale, : w * scale], dtype=np.float32)
+
+    def _sample(self, lr: np.ndarray, cond, seg: np.ndarray | None) -> np.ndarray:
+        """Diffuse a batch: ``lr (B, 3, h, w)`` numpy, ``cond (B, 3, H, W)`` tensor (the conditioning images),
+        ``seg (B, H, W)`` classes or None -> ``(B, 3, H, W)`` float32 numpy.
+
+        ``seg`` is the user's segmentation (then it also feeds the conditions) or, without user data, the
+        SAMSR segmentation. Each sample's noise is seeded from the run's seed and its own LR pixels."""
+        import torch
+
+        bundle = self._bundle
+        pipe = bundle.pipeline
+        device = pipe.device
+        B = lr.shape[0]
+        user_seg = seg if (self.user is not None and self.user.layers) else None
+        codes = bundle.encode_maps(bundle.conditions(cond, segmentation=user_seg)[0])
+        codes.update({m: None for m in self.drop & set(codes)})  # dropped: the null token stands in
+        generators = [torch.Generator(device="cpu").manual_seed(tile_seed(self.seed, a)) for a in lr]
+        samsr = {}
+        if self.samsr_noise > 0 or self.samsr_strength:  # SAMSR: segments at the output resolution
+            samsr = {"segmentation": torch.from_numpy(np.asarray(seg)).to(device), "samsr_noise": self.samsr_noise,
                      "samsr_strength": self.samsr_strength or None}
         if self.strength < 1.0:  # img2img from the conditioning image, on top of any per-class strengths
             from .pipeline import strength_map
 
             H, W = cond.shape[-2:]
             base = (strength_map(self.samsr_strength, samsr["segmentation"]) if self.samsr_strength
-                    else torch.ones((1, H, W), device=device))
+                    else torch.ones((B, H, W), device=device))
             samsr["samsr_strength"] = base * self.strength
-        # 4. sample
         prompt = self.caption if pipe.text_encoder is not None else None
         negative = self.negative_prompt if (self.guidance > 0 and self.guidance_mode != "cfg"
                                             and pipe.text_encoder is not None) else None
-        out = pipe(lr_t, modalities=codes, prompt=prompt, negative_prompt=negative, num_inference_steps=self.steps,
-                   guidance_scale=self.guidance, guidance_mode=self.guidance_mode,
-                   temperatures=self.temperatures or None, generator=generator, output_type="np",
-                   cond_image=cond, drop_text="text" in self.drop, **samsr).images[0]  # (3, H', W')
-        # 5. cut the padding
-        return np.ascontiguousarray(out[:, : h * scale, : w * scale], dtype=np.float32)
+        images = pipe(torch.from_numpy(lr).to(device), modalities=codes, prompt=prompt, negative_prompt=negative,
+                      num_inference_steps=self.steps, guidance_scale=self.guidance, guidance_mode=self.guidance_mode,
+                      temperatures=self.temperatures or None, generator=generators if B > 1 else generators[0],
+                      output_type="np", cond_image=cond, drop_text="text" in self.drop, **samsr).images
+        return np.asarray(images, dtype=np.float32)
