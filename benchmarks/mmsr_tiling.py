@@ -34,7 +34,7 @@ def main(argv=None) -> int:
 
     checkpoint = str(args.checkpoint or embedded_checkpoint())
     side = MMSRBundle.load(checkpoint).config.tile  # the model's training side
-    small = dict(tile=side, overlap=default_overlap(max(1, min(6, side // 8))))  # the engine's former default
+    small = {"tile": side, "overlap": default_overlap(max(1, min(6, side // 8)))}  # the engine's former default
     variants = {
         "realesrgan-x4plus": EnhanceConfig(model="realesrgan-x4plus", scale=SCALE, threads=args.threads),
         f"mmsr, engine tiles of {side} (prior per small tile)": EnhanceConfig(

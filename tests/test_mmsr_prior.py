@@ -116,7 +116,7 @@ def test_a_large_tile_runs_the_prior_once_and_diffuses_subtiles_of_the_training_
     assert model.receptive_field >= nearest.receptive_field
     stage1 = model._bundle._stage1()
     prior_calls, batches = [], []
-    real_prior, real_sample = stage1.upscale, model._sample
+    real_prior = stage1.upscale
     monkeypatch.setattr(stage1, "upscale", lambda x, s: prior_calls.append(x.shape) or real_prior(x, s))
     monkeypatch.setattr(model, "_sample", lambda lr, cond, seg: batches.append(lr.shape) or cond.numpy())
     x = texture((3, 56, 40), dtype="float32", lo=0, hi=1, seed=7)

@@ -375,7 +375,7 @@ class MMSRModel(SRModel):
         import torch
 
         pipe = self._bundle.pipeline
-        c, h, w = x.shape
+        h, w = x.shape[-2:]
         multiple = pipe.size_multiple // np.gcd(pipe.size_multiple, scale)
         ph, pw = -h % multiple, -w % multiple
         lr = np.clip(x, 0, 1)
