@@ -29,7 +29,7 @@ def _input() -> np.ndarray:
 def _run(**settings) -> np.ndarray:
     from geosr.scene import enhance_array
 
-    return enhance_array(_input(), EnhanceConfig(scale=4, threads=2, **settings))
+    return enhance_array(_input(), EnhanceConfig(**{"scale": 4, "threads": 2, **settings}))
 
 
 @pytest.mark.skipif(not (get_model("rrdn-gan").weights_present() and FIXTURE.is_file()),
@@ -53,6 +53,26 @@ def test_the_trained_stage1_is_the_default_committed_and_listed(run_cli):
     assert "geosr-trained:aerial-fusion-x4" in proc.stdout
 
 
+@pytest.mark.skipif(not (experts_present and FIXTURE.is_file()), reason="expert weights or the fixture missing")
+def test_the_default_runs_x2_as_its_x4_brought_down_by_the_projections_operator():
+    from geosr.models.consistency import downscale
+
+    lr = _input()
+    x = lr[:, :24, :24].astype(np.float32) / 255
+    model = get_model()
+    assert 2 in model.scales and 4 in model.scales
+    y2, y4 = model.upscale(x, 2), model.upscale(x, 4)
+    assert y2.shape == (3, 48, 48) and y2.dtype == np.float32
+    np.testing.assert_allclose(y2, downscale(y4, (48, 48)), atol=1e-5)
+    # a plain `--scale 2` run: the default model, its projection at x2
+    out = _run(scale=2)
+    bicubic = _run(scale=2, model="bicubic")
+    assert out.shape == bicubic.shape == (3, 96, 96) and out.dtype == np.uint8
+    hwc = lambda a: np.moveaxis(a, 0, -1)  # noqa: E731
+    assert lr_consistency(hwc(out), hwc(lr)) > 38  # agrees with its input
+    assert np.abs(out.astype(int) - bicubic.astype(int)).mean() > 1  # and is not bicubic
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (experts_present and FIXTURE.is_file()), reason="expert weights or the fixture missing")
 def test_committed_stage1_weights_reproduce_the_stored_output():
@@ -73,7 +93,7 @@ def test_the_trained_mmsr_is_committed_small_listed_and_runs_as_recommended(run_
     model = get_model("mmsr")
     model.configure(EnhanceConfig(model="mmsr", scale=4))  # no --checkpoint, --steps or --consistency
     assert model.checkpoint == EMBEDDED
-    assert (model.steps, model.consistency) == (1, 0.5)  # the settings recorded when it was embedded
+    assert (model.steps, model.consistency) == (1, 0.25)  # the settings recorded when it was embedded
     prov = model.provenance()
     assert "committed with geosr" in prov["registry"] and int(prov["version"].split()[0]) > 0
     proc = run_cli("models")
