@@ -153,3 +153,19 @@ def test_a_tile_larger_than_the_training_side_is_subtiled_and_reproducible(tmp_p
     assert first.shape == (3, 4 * x.shape[1], 4 * x.shape[2]) and np.isfinite(first).all()
     assert seen and all(shape[1:] == (3, side, side) for shape in seen)
     np.testing.assert_array_equal(model.upscale(x, 4), first)  # seeded from each sub-tile's pixels
+
+
+def test_half_the_checkpoints_scale_is_its_output_downscaled(tmp_path):
+    from geosr.models.consistency import downscale
+
+    path = _zeroed_prior_checkpoint(tmp_path)
+    model = get_model("mmsr")
+    model.configure(EnhanceConfig(model="mmsr", checkpoint=str(path), scale=2, steps=1))
+    assert TINY.scale == 4 and model.scales == (2, 4)
+    x = texture((3, 40, 24), dtype="float32", lo=0, hi=1, seed=3)
+    model.begin_scene(x)
+    half = model.upscale(x, 2)
+    assert half.shape == (3, 80, 48)
+    np.testing.assert_allclose(half, downscale(model.upscale(x, 4), (80, 48)), atol=1e-5)
+    with pytest.raises(ConfigError):
+        model.upscale(x, 3)

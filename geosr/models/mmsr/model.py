@@ -138,7 +138,9 @@ class MMSRModel(SRModel):
 
     @property
     def scales(self) -> tuple[int, ...]:
-        return (self._bundle.config.scale,) if self._bundle is not None else (4,)
+        """The checkpoint's scale and, for an even one, half of it (the output downscaled by 2, as aerial-x4's x2)."""
+        native = self._bundle.config.scale if self._bundle is not None else 4
+        return (native // 2, native) if native % 2 == 0 and native >= 4 else (native,)
 
     @property
     def default_tile(self) -> int:
@@ -324,6 +326,11 @@ class MMSRModel(SRModel):
         c, h, w = x.shape
         if c != 3:
             raise ConfigError(f"mmsr takes 3 bands (RGB), got {c}")
+        native = int(self._bundle.config.scale)
+        if scale != native:  # half the checkpoint's scale: its output brought down by the projection's operator
+            from ..consistency import downscale
+
+            return downscale(self.upscale(x, native), (h * scale, w * scale)).astype(np.float32)
         sub = int(self._bundle.config.tile)
         if max(h, w) <= sub:
             return self._upscale_whole(x, scale)
