@@ -59,7 +59,7 @@ class EnhanceConfig:
     # exactly to its input; None: the model's own default (0 for the third-party anchors)
     consistency: float | None = None
     # a tile whose model bands are identical (grey imagery stored as RGB, e.g. a panchromatic band repeated; up to a
-    # mean spread of half a level, scene._is_grey) gets identical output bands (the mean of the model's), so no
+    # mean spread of half a level, models.base.is_grey) gets identical output bands (the mean of the model's), so no
     # colour is invented; False: as the model gives
     keep_grey: bool = True
     # diffusion models (mmsr) only; other models ignore these

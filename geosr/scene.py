@@ -31,7 +31,7 @@ from .config import EnhanceConfig
 from .errors import ConfigError, GeosrError, Terminated
 from .io.read import Scene, open_scene
 from .models import get_model
-from .models.base import SRModel
+from .models.base import SRModel, is_grey
 from .models.consistency import project
 from .tiling import Tile, TileGrid, default_overlap, halo_for, output_transform, parse_edge
 
@@ -118,15 +118,6 @@ def band_groups(model: SRModel, alpha: tuple[bool, ...]) -> list[tuple[list[int]
 # the tile loop (no file I/O: reads through ``scene.read``, writes through ``put``)
 
 
-GREY_SPREAD = 0.5 / 255  # mean band spread (max - min per pixel) of a tile that counts as grey, in model units
-
-
-def _is_grey(x: np.ndarray) -> bool:
-    """Whether a ``(C, h, w)`` tile is grey: its bands identical up to a mean spread of half an 8-bit level (what a
-    grey image keeps after JPEG's colour rounding; colour imagery is tens of levels)."""
-    return float(np.ptp(x, axis=0).mean()) <= GREY_SPREAD
-
-
 def _run_model(model: SRModel, x: np.ndarray, groups, scale: int) -> np.ndarray:
     """``(C, T, T)`` float32 -> ``(C, sT, sT)`` float32 by band groups."""
     from .models.resample import Replicate
@@ -139,7 +130,7 @@ def _run_model(model: SRModel, x: np.ndarray, groups, scale: int) -> np.ndarray:
             continue
         if mode == "model":
             out[bands] = model.upscale(x[bands], scale)
-            if getattr(model, "keep_grey", True) and len(bands) > 1 and _is_grey(x[bands]):
+            if getattr(model, "keep_grey", True) and len(bands) > 1 and is_grey(x[bands]):
                 out[bands] = out[bands].mean(axis=0, keepdims=True)  # grey in, grey out: no invented colour
         else:
             rgb = np.repeat(x[bands], 3, axis=0) if model.channels == 3 else x[bands]

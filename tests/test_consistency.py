@@ -102,3 +102,23 @@ def test_keep_grey_reaches_the_config_and_the_bench_runs_anchors_as_published():
     assert _config(build_parser().parse_args(["enhance", "in.tif"])).keep_grey is True
     assert method_config("realesrgan-x4plus").keep_grey is False
     assert method_config("default").keep_grey is True
+
+
+def test_limit_chroma_keeps_luma_and_smooths_only_colour():
+    from geosr.models.consistency import _YCBCR, limit_chroma
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.2, 0.8, (3, 32, 48)).astype(np.float32)
+    out = limit_chroma(x, 2)
+    assert out.shape == x.shape and out.dtype == np.float32
+    ycc, ycc_out = (np.einsum("ij,jhw->ihw", _YCBCR, a.astype(np.float64)) for a in (x, out))
+    np.testing.assert_allclose(ycc_out[0], ycc[0], atol=1e-6)  # luma as it was
+    # per-pixel colour noise is smoothed: the chroma's pixel-to-pixel differences shrink
+    assert np.abs(np.diff(ycc_out[1:], axis=-1)).mean() < 0.5 * np.abs(np.diff(ycc[1:], axis=-1)).mean()
+    # colour that varies slowly stays: a smooth hue ramp comes back nearly unchanged away from the borders
+    yy, xx = np.mgrid[0:32, 0:48] / 48.0
+    ramp = np.stack([0.3 + 0.4 * xx, 0.5 + 0 * xx, 0.7 - 0.4 * yy]).astype(np.float32)
+    np.testing.assert_allclose(limit_chroma(ramp, 2)[:, 4:-4, 4:-4], ramp[:, 4:-4, 4:-4], atol=2e-3)
+    grey = np.repeat(x[:1], 3, axis=0)
+    np.testing.assert_allclose(limit_chroma(grey, 2), grey, atol=1e-6)  # grey stays grey
+    assert limit_chroma(x, 1) is x

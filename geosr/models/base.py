@@ -6,6 +6,14 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+GREY_SPREAD = 0.5 / 255  # mean band spread (max - min per pixel) of a tile that counts as grey, in model units
+
+
+def is_grey(x: np.ndarray) -> bool:
+    """Whether a ``(C, h, w)`` tile is grey: its bands identical up to a mean spread of half an 8-bit level (what a
+    grey image keeps after JPEG's colour rounding; colour imagery is tens of levels)."""
+    return float(np.ptp(x, axis=0).mean()) <= GREY_SPREAD
+
 
 class SRModel(ABC):
     """A super-resolution model.
@@ -43,7 +51,7 @@ class SRModel(ABC):
 
         Every model takes ``config.consistency``: the strength of the LR-consistency projection the engine applies
         to its output (:mod:`geosr.models.consistency`); None keeps the model's class default. And
-        ``config.keep_grey``: whether the engine makes grey input tiles give grey output (``scene._is_grey``)."""
+        ``config.keep_grey``: whether the engine makes grey input tiles give grey output (:func:`is_grey`)."""
         self.keep_grey = bool(getattr(config, "keep_grey", True))
         strength = getattr(config, "consistency", None)
         self.consistency = self.default_consistency if strength is None else float(strength)

@@ -73,3 +73,31 @@ def project(sr: np.ndarray, lr: np.ndarray, strength: float = 1.0) -> np.ndarray
     residual = lr.astype(np.float64) - downscale(sr, (h, w))
     correction = np.einsum("hi,cij,wj->chw", _pinv(H, h), residual, _pinv(W, w), optimize=True)
     return (sr + strength * correction).astype(sr.dtype, copy=False)
+
+
+# BT.601 full-range RGB -> (Y, Cb, Cr), on values in [0, 1]
+_YCBCR = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+_RGB = np.linalg.inv(_YCBCR)
+
+
+def limit_chroma(x: np.ndarray, factor: int) -> np.ndarray:
+    """``(3, H, W)`` RGB with its luma kept as it is and its chroma (Cb, Cr) no finer than ``1/factor`` of the grid:
+    downscaled by ``factor`` with :func:`downscale`, brought back with bicubic interpolation. Same dtype.
+
+    An x4 network may add luma detail the input cannot show, but colour detail at the output's own resolution is
+    mostly invention: aerial imagery carries colour at a coarser resolution than luma (pan-sharpening, JPEG's
+    chroma subsampling), and the networks' colour noise in dark areas raises saturation (asphalt stops looking
+    like asphalt)."""
+    import torch
+    import torch.nn.functional as F
+
+    if factor <= 1:
+        return x
+    if x.shape[0] != 3:
+        raise ValueError(f"limit_chroma needs 3 bands (RGB), got {x.shape[0]}")
+    H, W = x.shape[-2:]
+    ycc = np.einsum("ij,jhw->ihw", _YCBCR, x.astype(np.float64, copy=False))
+    small = downscale(ycc[1:], (max(1, H // factor), max(1, W // factor)))
+    chroma = F.interpolate(torch.from_numpy(small)[None], size=(H, W), mode="bicubic", align_corners=False)[0]
+    ycc[1:] = chroma.numpy()
+    return np.einsum("ij,jhw->ihw", _RGB, ycc).astype(x.dtype, copy=False)
