@@ -337,13 +337,7 @@ class MMSRModel(SRModel):
         bundle, device = self._bundle, self._bundle.pipeline.device
         lr = np.ascontiguousarray(np.clip(x, 0, 1), dtype=np.float32)
         cond = bundle.condition_image(torch.from_numpy(lr)[None].to(device))[0]  # (3, H, W), made once
-        seg = None  # (H, W) classes for the conditions (the user's) or for SAMSR; None: each sub-tile's heuristic
-        if self.user is not None and self.user.layers:
-            seg = self._user_segmentation(cond.cpu().numpy(), scale)
-        elif self.samsr_noise > 0 or self.samsr_strength:
-            from ...conditioning import heuristic_segmentation
-
-            seg = heuristic_segmentation(cond.cpu().numpy())
+        seg = self._segmentation(cond.cpu().numpy(), scale)
         rows, cols = (self._subtile_plan(n, sub, scale) for n in (h, w))
         H, W = h * scale, w * scale
         out = np.zeros((3, H, W), dtype=np.float64)
@@ -368,6 +362,18 @@ class MMSRModel(SRModel):
                 out[:, ya:yb, xa:xb] += o[:, ya - a:yb - a, xa - b:xb - b] * weight
         return out.astype(np.float32)
 
+    def _segmentation(self, cond: np.ndarray, scale: int) -> np.ndarray | None:
+        """``(H, W)`` classes of a conditioning image ``(3, H, W)`` for the conditions (the user's data laid over
+        the heuristic) or for SAMSR (the heuristic's); None when neither is in play (the conditions then use each
+        (sub-)tile's own heuristic, as in training)."""
+        if self.user is not None and self.user.layers:
+            return self._user_segmentation(cond, scale)
+        if self.samsr_noise > 0 or self.samsr_strength:
+            from ...conditioning import heuristic_segmentation
+
+            return heuristic_segmentation(cond)
+        return None
+
     @staticmethod
     def _subtile_plan(length: int, sub: int, scale: int):
         """Sub-tiles of side ``sub`` along one axis, overlapping by a quarter of it (a halo of an eighth, less one
@@ -390,14 +396,8 @@ class MMSRModel(SRModel):
             lr = np.pad(lr, ((0, 0), (0, ph), (0, pw)), mode="reflect" if min(h, w) > max(ph, pw) else "edge")
         lr = np.ascontiguousarray(lr, dtype=np.float32)
         cond = self._bundle.condition_image(torch.from_numpy(lr)[None].to(pipe.device))  # (1, 3, H', W')
-        seg = None
-        if self.user is not None and self.user.layers:
-            seg = self._user_segmentation(cond[0].cpu().numpy(), scale)[None]
-        elif self.samsr_noise > 0 or self.samsr_strength:
-            from ...conditioning import heuristic_segmentation
-
-            seg = heuristic_segmentation(cond[0].cpu().numpy())[None]
-        out = self._sample(lr[None], cond, seg)[0]
+        seg = self._segmentation(cond[0].cpu().numpy(), scale)
+        out = self._sample(lr[None], cond, None if seg is None else seg[None])[0]
         return np.ascontiguousarray(out[:, : h * scale, : w * scale], dtype=np.float32)
 
     def _sample(self, lr: np.ndarray, cond, seg: np.ndarray | None) -> np.ndarray:
