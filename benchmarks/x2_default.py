@@ -1,12 +1,13 @@
-"""×2: the default model at ``--scale 2`` against interpolation and the ×4 anchors brought down to ×2, in one run.
+"""×2: the default model at ``--scale 2`` against interpolation, waifu2x ×2 and the ×4 anchors brought down to ×2.
 
 BENCHMARK.md's protocol is ×4 only. This is its ×2 analogue, on the same HR crops and metrics:
 - ``clean``: antialiased bicubic downscale by 2 (256² LR);
 - ``real``: Gaussian blur σ = 0.5 px (the protocol's σ = 1 scaled to the factor), bicubic downscale by 2, noise
   σ = 3 (``default_rng(crop_index)``), JPEG 70.
 
-The anchors have no ×2 network: each runs ×4 as published and its output is downscaled by 2 with the protocol's
-antialiased bicubic (the route the default takes at ×2, which then applies its LR-consistency projection):
+The ×4 anchors run ×4 as published and their output is downscaled by 2 with the protocol's antialiased bicubic (the
+route the default takes at ×2, which then applies its LR-consistency projection); waifu2x's photo network is a
+native ×2 network (with its JPEG-noise removal level 1 too), run as geosr runs it (no projection):
 
     .venv/bin/python benchmarks/x2_default.py --json benchmarks/results/x2_default.json
 """
@@ -66,6 +67,8 @@ def main(argv=None) -> int:
         "lanczos": (EnhanceConfig(model="lanczos", **x2), False),
         "rrdn-gan x4, downscaled": (EnhanceConfig(model="rrdn-gan", **x4), True),
         "realesrgan-x4plus x4, downscaled": (EnhanceConfig(model="realesrgan-x4plus", **x4), True),
+        "waifu2x-photo x2": (EnhanceConfig(model="waifu2x-photo", **x2), False),
+        "waifu2x-photo-denoise x2": (EnhanceConfig(model="waifu2x-photo-denoise", **x2), False),
         "default (aerial-x4 at --scale 2)": (EnhanceConfig(**x2), False),
     }
     crops = load_crops()

@@ -364,7 +364,9 @@ def _scales(scales) -> str:
 def _cmd_models(args) -> int:
     from .models import DEFAULT_MODEL, list_models
 
-    for m in list_models():
+    models = list_models()
+    width = max(len(m.name) for m in models)
+    for m in models:
         prov = m.provenance()
         if prov:
             state = (f"weights: {prov['package']}=={prov['version']} from {prov['registry']}, {prov['member']}, "
@@ -374,7 +376,7 @@ def _cmd_models(args) -> int:
         else:
             state = "weights missing: " + getattr(m, "missing_hint", "run 'geosr weights fetch'")
         default = " [default]" if m.name == DEFAULT_MODEL else ""
-        print(f"{m.name:<18} {_scales(m.scales):<7} {m.description}{default}\n{'':<26} {state}")
+        print(f"{m.name:<{width}} {_scales(m.scales):<7} {m.description}{default}\n{'':<{width + 8}} {state}")
     return 0
 
 

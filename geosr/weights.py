@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 FETCHERS = {
     "rrdn-gan": "geosr.models.tfjs",
     "realesrgan-x4plus": "geosr.models.ncnn",
+    "waifu2x-photo": "geosr.models.waifu2x",
     "lpips": "geosr.scoring.lpips",
     "dists": "geosr.scoring.iqa:fetch_dists",
     "niqe": "geosr.scoring.iqa:fetch_niqe",

@@ -141,3 +141,59 @@ def test_diffusion_trains_on_stored_pairs(tmp_path):
     loss = trainer.step(prepared)
     assert np.isfinite(loss)
     assert isinstance(trainer.pairs, PairSampler)
+
+
+@needs_train
+def test_make_pairs_adds_the_outputs_of_new_experts_to_stored_pairs(tmp_path):
+    from geosr.errors import ConfigError
+    from geosr.training.stage1 import Stage1Config, make_pairs, pair_experts, train_fusion
+
+    cfg = Stage1Config(data=str(TRAIN), pairs=2, crop=32, experts=("bicubic",), steps=1, batch=1, train_crop=16,
+                       features=8, blocks=1, lpips_weight=0.0)
+    files = sorted(make_pairs(tmp_path, cfg).glob("*.npz"))
+    before = [dict(np.load(f)) for f in files]
+    assert [str(n) for n in before[0]["expert_names"]] == ["bicubic"]
+    more = Stage1Config(**{**cfg.__dict__, "experts": ("lanczos", "bicubic")})
+    with pytest.raises(ConfigError, match="lanczos"):  # training on pairs that lack a candidate says what to run
+        train_fusion(tmp_path, more)
+    make_pairs(tmp_path, more)
+    for f, old in zip(files, before):
+        z = np.load(f)
+        assert [str(n) for n in z["expert_names"]] == ["bicubic", "lanczos"]
+        assert np.array_equal(z["hr"], old["hr"]) and np.array_equal(z["lr"], old["lr"])  # the pair is kept
+        assert np.array_equal(z["experts"][0], old["experts"][0])
+        x = np.moveaxis(z["lr"], -1, 0).astype(np.float32) / 255
+        lanczos = np.clip(np.round(get_model("lanczos").upscale(x, 4) * 255), 0, 255).astype(np.uint8)
+        both = pair_experts(z, ("lanczos", "bicubic"))  # in the order asked for
+        assert both.shape == (6, 32, 32)
+        assert np.array_equal(both[:3], lanczos) and np.array_equal(both[3:], old["experts"][0])
+    weights = train_fusion(tmp_path, more)
+    assert FusionSR(path=weights).experts == ("lanczos", "bicubic")  # recorded with the weights
+
+
+def test_weights_without_recorded_experts_are_the_first_two(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from geosr.models.fusion import LEGACY_EXPERTS, load_net, read_arch
+
+    net = FusionNet(features=8, blocks=1)  # written as files were before the experts were recorded
+    save_file(net.state_dict(), str(tmp_path / "old.safetensors"),
+              metadata={"net": json.dumps({"features": 8, "blocks": 1, "residual": True})})
+    assert read_arch(tmp_path / "old.safetensors")["experts"] == LEGACY_EXPERTS == ("rrdn-gan", "realesrgan-x4plus")
+    assert load_net(tmp_path / "old.safetensors").k == 3
+
+
+def test_training_ssim_is_the_benchmark_ssim_y():
+    from geosr.bench import luma, ssim
+    from geosr.training.stage1 import ssim_luma
+
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.normal(0, 90, a.shape), 0, 255).astype(np.uint8)
+    t = lambda x: torch.from_numpy(np.moveaxis(x, -1, 0)[None].astype(np.float64) / 255)  # noqa: E731
+    want = ssim(luma(a), luma(b))
+    assert 0.2 < want < 0.95
+    assert abs(float(ssim_luma(t(a), t(b))) - want) < 2e-3  # luma here is not rounded to 8 bits
+    assert abs(float(ssim_luma(t(a), t(a))) - 1) < 1e-9

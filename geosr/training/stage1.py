@@ -46,6 +46,7 @@ class Stage1Config:
     train_crop: int = 128  # HR px of the random sub-crops of the stored pairs that a step trains on
     lr: float = 5e-4
     lpips_weight: float = 0.5
+    ssim_weight: float = 0.0  # weight of 1 - SSIM of the luma (the benchmark's SSIM-Y: 7x7 window, BT.601)
     features: int = 64
     blocks: int = 6
     residual: bool = True  # False: the network only mixes the candidates (no correction of its own)
@@ -53,6 +54,8 @@ class Stage1Config:
     holdout: int = 0  # the last N pairs are not trained on; their L1 / LPIPS are logged every `snapshot` steps
     snapshot: int = 0  # > 0: also save fusion-STEP.safetensors every that many steps
     seed: int = 0
+    # the registry models whose x4 outputs are the candidates (stored with each pair; missing ones are added)
+    experts: tuple[str, ...] = ("rrdn-gan", "realesrgan-x4plus")
 
 
 def _pil_resize(a: np.ndarray, size: int) -> np.ndarray:
@@ -92,15 +95,15 @@ def sample_degradation(hr: np.ndarray, cfg: Stage1Config, rng: np.random.Generat
 
 
 def make_pairs(out: str | Path, cfg: Stage1Config, progress=None) -> Path:
-    """Write ``cfg.pairs`` training pairs to ``out/pairs``; pairs already there are kept (resumable)."""
+    """Write ``cfg.pairs`` training pairs to ``out/pairs``; pairs already there are kept (resumable), and the
+    outputs of experts they lack are added to them."""
     from ..models import get_model
-    from ..models.fusion import EXPERTS
     from .data import CropSampler
 
     folder = Path(out) / "pairs"
     folder.mkdir(parents=True, exist_ok=True)
-    experts = [get_model(name) for name in EXPERTS]
-    for m in experts:
+    experts = {name: get_model(name) for name in cfg.experts}
+    for m in experts.values():
         m.prepare()
     sampler = CropSampler(cfg.data, crop=cfg.crop, seed=cfg.seed)
     rng = np.random.default_rng(cfg.seed + 1)
@@ -108,18 +111,44 @@ def make_pairs(out: str | Path, cfg: Stage1Config, progress=None) -> Path:
         hr = sampler.sample_uint8()  # drawn even when the pair exists, so the sequence does not depend on resumes
         lr, kind = sample_degradation(hr, cfg, rng)
         path = folder / f"{i:05d}.npz"
-        if not path.exists():
+        stored = {}
+        if path.exists():
+            z = np.load(path)
+            hr, lr, kind = z["hr"], z["lr"], str(z["kind"])
+            stored = dict(zip(_expert_names(z), z["experts"]))
+        missing = [name for name in cfg.experts if name not in stored]
+        if missing:
             x = np.moveaxis(lr, -1, 0).astype(np.float32) / 255.0
-            outs = [np.clip(np.round(m.upscale(x, SCALE) * 255.0), 0, 255).astype(np.uint8) for m in experts]
+            for name in missing:
+                stored[name] = np.clip(np.round(experts[name].upscale(x, SCALE) * 255.0), 0, 255).astype(np.uint8)
             tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, hr=hr, lr=lr, experts=np.stack(outs), kind=kind)
+            np.savez(tmp, hr=hr, lr=lr, experts=np.stack(list(stored.values())), expert_names=np.array(list(stored)),
+                     kind=kind)
             tmp.rename(path)
         if progress:
             progress(i + 1, cfg.pairs)
     return folder
 
 
-def _load_pairs(folder: Path):
+def _expert_names(z) -> list[str]:
+    """The experts a stored pair holds, in order (pairs written before the names were stored hold the first two)."""
+    from ..models.fusion import LEGACY_EXPERTS
+
+    return [str(n) for n in z["expert_names"]] if "expert_names" in z.files else list(LEGACY_EXPERTS)
+
+
+def pair_experts(z, names) -> np.ndarray:
+    """The named experts' outputs of a stored pair, ``(3·len(names), H, W)`` uint8, in the order of ``names``."""
+    from ..errors import ConfigError
+
+    stored = _expert_names(z)
+    missing = [n for n in names if n not in stored]
+    if missing:
+        raise ConfigError(f"stored pair lacks the outputs of {missing}: run make_pairs with these experts first")
+    return np.concatenate([z["experts"][stored.index(n)] for n in names])
+
+
+def _load_pairs(folder: Path, experts):
     import torch
 
     hr, lr, ex = [], [], []
@@ -127,7 +156,7 @@ def _load_pairs(folder: Path):
         z = np.load(p)
         hr.append(np.moveaxis(z["hr"], -1, 0))
         lr.append(np.moveaxis(z["lr"], -1, 0))
-        ex.append(z["experts"].reshape(-1, *z["experts"].shape[2:]))
+        ex.append(pair_experts(z, experts))
     f = lambda a: torch.from_numpy(np.stack(a)).float() / 255.0  # noqa: E731
     return f(hr), f(lr), f(ex)
 
@@ -145,7 +174,7 @@ def train_fusion(out: str | Path, cfg: Stage1Config, progress=None, init: str | 
 
     out = Path(out)
     torch.manual_seed(cfg.seed)
-    hr, lr, ex = _load_pairs(out / "pairs")
+    hr, lr, ex = _load_pairs(out / "pairs", cfg.experts)
     if not 0 <= cfg.holdout < hr.shape[0]:
         from ..errors import ConfigError
 
@@ -153,7 +182,7 @@ def train_fusion(out: str | Path, cfg: Stage1Config, progress=None, init: str | 
     if cfg.holdout:
         held = (hr[-cfg.holdout:], lr[-cfg.holdout:], ex[-cfg.holdout:])
         hr, lr, ex = hr[:-cfg.holdout], lr[:-cfg.holdout], ex[:-cfg.holdout]
-    net = FusionNet(features=cfg.features, blocks=cfg.blocks, residual=cfg.residual)
+    net = FusionNet(features=cfg.features, blocks=cfg.blocks, residual=cfg.residual, experts=cfg.experts)
     done = 0
     if init is not None:
         from safetensors import safe_open
@@ -185,6 +214,8 @@ def train_fusion(out: str | Path, cfg: Stage1Config, progress=None, init: str | 
         if lpips is not None:
             lp = lpips(pred * 2 - 1, h * 2 - 1).mean()
             loss = loss + cfg.lpips_weight * lp
+        if cfg.ssim_weight:
+            loss = loss + cfg.ssim_weight * (1 - ssim_luma(pred, h))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -207,12 +238,30 @@ def train_fusion(out: str | Path, cfg: Stage1Config, progress=None, init: str | 
     return _save(net, cfg, done + cfg.steps, n, out / "fusion.safetensors")
 
 
+def ssim_luma(a, b, win: int = 7):
+    """Mean SSIM of the BT.601 luma (16-235) of two ``(B, 3, H, W)`` batches in [0, 1], differentiable, as
+    ``skimage.metrics.structural_similarity`` computes it by default (uniform ``win``-px window, sample covariance,
+    data range 255, the border of half a window left out): the SSIM-Y of BENCHMARK.md."""
+    import torch
+    import torch.nn.functional as F
+
+    coef = torch.tensor([65.481, 128.553, 24.966], dtype=a.dtype, device=a.device).view(1, 3, 1, 1) / 255.0
+    ya, yb = ((x * coef).sum(1, keepdim=True) + 16.0 / 255.0 for x in (a, b))
+    mean = lambda x: F.avg_pool2d(x, win, stride=1)  # noqa: E731
+    ma, mb = mean(ya), mean(yb)
+    n = win * win / (win * win - 1)  # sample covariance
+    va, vb, cov = n * (mean(ya * ya) - ma * ma), n * (mean(yb * yb) - mb * mb), n * (mean(ya * yb) - ma * mb)
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma * ma + mb * mb + c1) * (va + vb + c2))
+    return s.mean()
+
+
 def _save(net, cfg: Stage1Config, steps: int, n: int, path: Path) -> Path:
     from safetensors.torch import save_file
 
     from .. import __version__
 
-    arch = {"features": cfg.features, "blocks": cfg.blocks, "residual": cfg.residual}
+    arch = {"features": cfg.features, "blocks": cfg.blocks, "residual": cfg.residual, "experts": list(cfg.experts)}
     meta = {"config": json.dumps(asdict(cfg)), "net": json.dumps(arch), "trained_steps": str(steps),
             "pairs": str(n), "geosr_version": __version__}
     save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(path), metadata=meta)
@@ -247,21 +296,15 @@ def add_priors(out: str | Path, weights: str | Path) -> int:
     """Store the trained fusion network's output next to each pair (``NNNNN.prior.npy``, float16), for training a
     diffusion residual over it (``TrainConfig.pairs``). Returns the number of pairs."""
     import torch
-    from safetensors import safe_open
-    from safetensors.torch import load_file
 
-    from ..models.fusion import FusionNet
+    from ..models.fusion import load_net
 
-    with safe_open(str(weights), framework="pt") as f:
-        arch = json.loads((f.metadata() or {}).get("net", "{}"))
-    net = FusionNet(**arch)
-    net.load_state_dict(load_file(str(weights)))
-    net.eval()
+    net = load_net(weights)
     paths = sorted((Path(out) / "pairs").glob("[0-9]*[0-9].npz"))
     for p in paths:
         z = np.load(p)
         lr = torch.from_numpy(np.moveaxis(z["lr"], -1, 0).astype(np.float32) / 255.0)[None]
-        ex = torch.from_numpy(z["experts"].reshape(-1, *z["experts"].shape[2:]).astype(np.float32) / 255.0)[None]
+        ex = torch.from_numpy(pair_experts(z, net.experts).astype(np.float32) / 255.0)[None]
         with torch.inference_mode():
             prior = net(lr, ex)[0].clamp(0, 1).numpy().astype(np.float16)  # (3, H, W)
         np.save(p.with_suffix(".prior.npy"), prior)
