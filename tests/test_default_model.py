@@ -13,6 +13,7 @@ from geosr.models.fusion import EXPERTS, WEIGHTS
 
 HERE = Path(__file__).resolve().parent
 SLICE = HERE / "data" / "aerial_x4_slice.npz"  # written by `python tests/test_default_model.py aerial-x4`
+V1_SLICE = HERE / "data" / "aerial_x4_v1_slice.npz"  # `python tests/test_default_model.py aerial-x4-v1`
 MMSR_SLICE = HERE / "data" / "mmsr_aerial_x4_slice.npz"  # written by `python tests/test_default_model.py mmsr`
 FIXTURE = data_dir() / "fixtures" / "zurich_swissimage_tile00_175x120.tif"
 experts_present = all(get_model(name).weights_present() for name in EXPERTS)
@@ -75,13 +76,30 @@ def test_the_default_runs_x2_as_its_x4_brought_down_by_the_projections_operator(
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (experts_present and FIXTURE.is_file()), reason="expert weights or the fixture missing")
-def test_committed_stage1_weights_reproduce_the_stored_output():
-    stored = np.load(SLICE)
-    out = _run()  # the default model with its own settings
+@pytest.mark.parametrize("name, path", [(None, SLICE), ("aerial-x4-v1", V1_SLICE)])
+def test_committed_stage1_weights_reproduce_the_stored_output(name, path):
+    stored = np.load(path)
+    out = _run(**({"model": name} if name else {}))  # the default model (or v1) with its own settings
     assert out.shape == tuple(stored["shape"])
     diff = np.abs(out[:, 64:128, 64:128].astype(np.int16) - stored["slice"].astype(np.int16))
     # the same bits on this kind of machine; a last-bit float difference elsewhere may move a pixel by 1
     assert diff.max() <= 1 and diff.mean() < 0.05
+
+
+def test_the_first_stage1_release_stays_as_mmsr_prior():
+    import json
+
+    from geosr.models.fusion import WEIGHTS_V1, read_arch
+    from geosr.models.mmsr.bundle import INDEX
+    from geosr.models.mmsr.model import EMBEDDED
+
+    v1, new = get_model("aerial-x4-v1"), get_model("aerial-x4")
+    assert v1.path == WEIGHTS_V1 and new.path == WEIGHTS and v1.path.read_bytes() != new.path.read_bytes()
+    assert (v1.consistency, new.consistency) == (0.5, 0.25)  # each file's measured settings
+    assert (v1.chroma_factor, new.chroma_factor) == (2, 4)
+    assert v1.experts == new.experts == EXPERTS and read_arch(WEIGHTS)["experts"] == EXPERTS
+    assert v1.provenance()["package"] == "geosr-trained:aerial-fusion-x4-v1"
+    assert json.loads((EMBEDDED / INDEX).read_text())["config"]["prior"] == "aerial-x4-v1"  # what it was trained over
 
 
 def test_the_trained_mmsr_is_committed_small_listed_and_runs_as_recommended(run_cli):
@@ -111,11 +129,11 @@ def test_committed_mmsr_weights_reproduce_the_stored_output():
     assert diff.max() <= 1 and diff.mean() < 0.05
 
 
-if __name__ == "__main__":  # regenerate a stored slice after retraining: aerial-x4 or mmsr
+if __name__ == "__main__":  # regenerate a stored slice after retraining: aerial-x4, aerial-x4-v1 or mmsr
     import sys
 
     name = sys.argv[1] if len(sys.argv) > 1 else "aerial-x4"
-    path = {"aerial-x4": SLICE, "mmsr": MMSR_SLICE}[name]
+    path = {"aerial-x4": SLICE, "aerial-x4-v1": V1_SLICE, "mmsr": MMSR_SLICE}[name]
     out = _run(model=name)
     path.parent.mkdir(exist_ok=True)
     np.savez_compressed(path, slice=out[:, 64:128, 64:128], shape=np.array(out.shape))

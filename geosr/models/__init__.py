@@ -15,7 +15,7 @@ DEFAULT_MODEL = "aerial-x4"
 @lru_cache(maxsize=None)
 def _registry(device: str) -> dict[str, SRModel]:
     """One instance per model and device, so loaded weights are reused across calls (bench, accessor, tests)."""
-    from .fusion import FusionSR
+    from .fusion import WEIGHTS_V1, FusionSR
     from .mmsr.model import MMSRModel
     from .networks import TorchSR, Waifu2xSR
     from .resample import Replicate, bicubic, lanczos3
@@ -41,6 +41,10 @@ def _registry(device: str) -> dict[str, SRModel]:
            for name, first, what in (("waifu2x-photo", "scale", "plain x2"),
                                      ("waifu2x-photo-denoise", "noise1", "x2 with JPEG-noise removal level 1"))},
         "aerial-x4": FusionSR(device=device),
+        "aerial-x4-v1": FusionSR(
+            device=device, path=WEIGHTS_V1, name="aerial-x4-v1", consistency=0.5, chroma_factor=2,
+            description="geosr aerial x4 stage 1, first release (trained for L1 + 0.5 LPIPS): better LPIPS, lower "
+                        "PSNR-Y and SSIM-Y than aerial-x4; the prior of mmsr-aerial-x4"),
         "mmsr": MMSRModel(device=device),
     }
 

@@ -33,9 +33,10 @@ EXPERTS = ("rrdn-gan", "realesrgan-x4plus")  # what new training uses (Stage1Con
 # the candidates of a weights file written before the metadata's "net" recorded them
 LEGACY_EXPERTS = ("rrdn-gan", "realesrgan-x4plus")
 SCALE = 4
-# the output's colour detail is kept to half its grid (luma untouched): on BENCHMARK.md's crops LPIPS moved by under
-# 0.001, and the road heuristic's mask on Vegas came much closer to the HR's (MODEL_CARD.md, "Colour detail")
-CHROMA_FACTOR = 2
+# the output's colour detail is kept to 1/CHROMA_FACTOR of its grid (luma untouched): the networks' colour noise
+# otherwise saturates dark surfaces and asphalt stops looking like asphalt to the road measures (MODEL_CARD.md,
+# "Colour detail"). The LR grid (4) for the default's weights; half the output grid (2) for v1, as measured
+CHROMA_FACTOR = 4
 
 
 class _Block(nn.Module):
@@ -103,7 +104,10 @@ def load_net(path: str | Path) -> FusionNet:
 # ------------------------------------------------------------------------------------- the SRModel
 
 
-WEIGHTS = Path(__file__).resolve().parents[1] / "checkpoints" / "aerial-fusion-x4.safetensors"  # committed
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+WEIGHTS = CHECKPOINTS / "aerial-fusion-x4.safetensors"  # committed: the default, trained with an SSIM-Y term
+# committed: the first release (L1 + 0.5 LPIPS), kept as `aerial-x4-v1` because mmsr-aerial-x4 was trained over it
+WEIGHTS_V1 = CHECKPOINTS / "aerial-fusion-x4-v1.safetensors"
 
 
 class FusionSR(SRModel):
@@ -117,13 +121,23 @@ class FusionSR(SRModel):
     receptive_field = 56  # Real-ESRGAN's 48 input px plus a little of the fusion network's own context
     default_tile = 512
     edge = "cut"
-    consistency = default_consistency = 0.5  # measured best for it on BENCHMARK.md (MODEL_CARD.md)
+    # LR-consistency projection strength, chosen per weights file on BENCHMARK.md's crops (MODEL_CARD.md): 0.25 for
+    # these weights (0.5 cost 0.012 LPIPS on the real crops and gained 0.004 on the clean ones), 0.5 for v1
+    consistency = default_consistency = 0.25
     description = ("geosr aerial x4 stage 1: RRDN-GAN and Real-ESRGAN x4plus fused per pixel by a network trained "
                    "by geosr on data/train")
 
-    def __init__(self, *, device: str = "cpu", path: Path | None = None):
+    def __init__(self, *, device: str = "cpu", path: Path | None = None, name: str | None = None,
+                 description: str | None = None, consistency: float | None = None, chroma_factor: int = CHROMA_FACTOR):
         self.device = device
+        self.chroma_factor = chroma_factor
+        if consistency is not None:
+            self.consistency = self.default_consistency = consistency
         self.path = Path(path) if path is not None else WEIGHTS
+        if name is not None:
+            self.name = name
+        if description is not None:
+            self.description = description
         self._net = None
         self._experts = None
         self._lock = threading.Lock()
@@ -148,7 +162,7 @@ class FusionSR(SRModel):
 
         with safe_open(str(self.path), framework="pt") as f:
             meta = f.metadata() or {}
-        return {"package": "geosr-trained:aerial-fusion-x4", "version": f"{meta.get('trained_steps', '?')} steps",
+        return {"package": f"geosr-trained:{self.path.stem}", "version": f"{meta.get('trained_steps', '?')} steps",
                 "registry": "committed with geosr (trained here on data/train, see geosr/checkpoints/MODEL_CARD.md)",
                 "member": f"{self.path.name} + experts {', '.join(self.experts)}", "sha256": _sha256(self.path),
                 "license": "Apache-2.0", "trained_steps": meta.get("trained_steps", "")}
@@ -186,7 +200,7 @@ class FusionSR(SRModel):
             ex = torch.from_numpy(np.concatenate(outs).astype(np.float32))[None]
             out = self._net(lr, ex)[0].numpy()
         if not is_grey(x):  # a grey tile has no colour to keep in check (and the engine makes its output grey)
-            out = limit_chroma(out, CHROMA_FACTOR)
+            out = limit_chroma(out, self.chroma_factor)
         if scale == SCALE:
             return out
         return downscale(out, (x.shape[-2] * scale, x.shape[-1] * scale)).astype(np.float32)
