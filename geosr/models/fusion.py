@@ -29,7 +29,7 @@ from .consistency import downscale, limit_chroma
 
 log = logging.getLogger(__name__)
 
-EXPERTS = ("rrdn-gan", "realesrgan-x4plus")  # what new training uses (Stage1Config.experts)
+EXPERTS = ("rrdn-gan", "realesrgan-x4plus")  # the default candidates (Stage1Config.experts has the same default)
 # the candidates of a weights file written before the metadata's "net" recorded them
 LEGACY_EXPERTS = ("rrdn-gan", "realesrgan-x4plus")
 SCALE = 4
