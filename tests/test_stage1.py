@@ -93,7 +93,7 @@ def test_pairs_training_priors_and_the_model(tmp_path):
     weights = train_fusion(tmp_path, cfg)
     lines = (tmp_path / "train_log.jsonl").read_text().splitlines()
     assert len(lines) == 1 and '"step": 4' in lines[0]
-    model = FusionSR(path=weights)
+    model = FusionSR(path=weights, chroma_factor=1)  # the network's own colour, as add_priors stores it
     assert model.provenance()["trained_steps"] == "4" and model.provenance()["version"] == "4 steps"
     lr = z["lr"].transpose(2, 0, 1).astype(np.float32) / 255
     out = model.upscale(lr, 4)
