@@ -13,6 +13,7 @@ is ±``blocks`` × 2 LR px. It is trained on ``data/train`` by :mod:`geosr.train
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -142,9 +143,9 @@ class FusionSR(SRModel):
         self._experts = None
         self._lock = threading.Lock()
 
-    @property
+    @functools.cached_property
     def experts(self) -> tuple[str, ...]:
-        """The registry names of the candidates the weights were trained with."""
+        """The registry names of the candidates the weights were trained with (read once from the file)."""
         return read_arch(self.path)["experts"] if self.path.is_file() else EXPERTS
 
     def _expert_models(self) -> list[SRModel]:

@@ -93,8 +93,11 @@ class TorchSR(SRModel):
         self.prepare()
         with torch.inference_mode():
             t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None].to(self._device)
-            y = self._net(t)[0]  # (3, sH, sW)
+            y = self._forward(t, scale)[0]  # (3, sH, sW)
         return y.float().cpu().numpy()
+
+    def _forward(self, t, scale: int):
+        return self._net(t)
 
 
 class Waifu2xSR(TorchSR):
@@ -107,11 +110,8 @@ class Waifu2xSR(TorchSR):
         self.first = first
 
     def upscale(self, x: np.ndarray, scale: int) -> np.ndarray:
-        import torch
-
         self.check_scale(scale)
-        self.prepare()
-        with torch.inference_mode():
-            t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None].to(self._device)
-            y = self._net(t, self.first, scale.bit_length() - 1)[0]  # 2 -> one pass, 4 -> two
-        return y.float().cpu().numpy()
+        return super().upscale(x, scale)
+
+    def _forward(self, t, scale: int):
+        return self._net(t, self.first, scale.bit_length() - 1)  # 2 -> one pass, 4 -> two
