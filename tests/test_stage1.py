@@ -197,3 +197,65 @@ def test_training_ssim_is_the_benchmark_ssim_y():
     assert 0.2 < want < 0.95
     assert abs(float(ssim_luma(t(a), t(b))) - want) < 2e-3  # luma here is not rounded to 8 bits
     assert abs(float(ssim_luma(t(a), t(a))) - 1) < 1e-9
+
+
+def test_fusion_net_at_x2_starts_as_the_mean_of_its_x2_candidates():
+    torch.manual_seed(0)
+    net = FusionNet(features=8, blocks=1, experts=("waifu2x-photo",), scale=2)
+    lr = torch.rand(1, 3, 7, 5)
+    experts = torch.rand(1, 3, 14, 10)
+    bic = torch.nn.functional.interpolate(lr, scale_factor=2, mode="bicubic", align_corners=False)
+    out = net(lr, experts)
+    assert out.shape == (1, 3, 14, 10)
+    assert torch.allclose(out, (experts + bic) / 2, atol=1e-6)
+
+
+def test_an_expert_without_the_scale_is_brought_down_from_its_own():
+    from geosr.models.base import SRModel
+    from geosr.models.consistency import downscale
+    from geosr.models.fusion import candidate
+
+    class X4Only(SRModel):  # nearest x4 only
+        scales = (4,)
+
+        def upscale(self, x, scale):
+            self.check_scale(scale)
+            return x.repeat(4, -1).repeat(4, -2) * 1.1 - 0.05  # leaves [0, 1] on purpose
+
+    x = np.random.default_rng(0).random((3, 6, 8)).astype(np.float32)
+    c2 = candidate(X4Only(), x, 2)
+    assert c2.shape == (3, 12, 16)
+    want = downscale(x.repeat(4, -1).repeat(4, -2) * 1.1 - 0.05, (12, 16))
+    assert np.array_equal(c2, np.round(np.clip(want, 0, 1) * 255) / 255)  # 8-bit values, as stored in pairs
+    c4 = candidate(get_model("nearest"), x, 2)  # a model with the scale runs at it
+    assert np.array_equal(c4, np.round(np.clip(x.repeat(2, -1).repeat(2, -2), 0, 1) * 255) / 255)
+
+
+@needs_train
+def test_x2_pairs_train_a_x2_network_that_the_x4_model_runs_at_scale_2(tmp_path):
+    from geosr.config import EnhanceConfig
+    from geosr.errors import ConfigError
+    from geosr.training.stage1 import Stage1Config, make_pairs, train_fusion
+
+    cfg = Stage1Config(data=str(TRAIN), pairs=2, crop=32, scale=2, experts=("lanczos",), steps=2, batch=1,
+                       train_crop=16, features=8, blocks=1, lpips_weight=0.0)
+    z = np.load(sorted(make_pairs(tmp_path / "x2", cfg).glob("*.npz"))[0])
+    assert z["hr"].shape == (32, 32, 3) and z["lr"].shape == (16, 16, 3) and z["experts"].shape == (1, 3, 32, 32)
+    with pytest.raises(ConfigError, match="x2 pair, not x4"):  # one folder per scale
+        make_pairs(tmp_path / "x2", Stage1Config(**{**cfg.__dict__, "scale": 4}))
+    weights = train_fusion(tmp_path / "x2", cfg)
+    x2 = FusionSR(path=weights, name="x2", consistency=0.5, chroma_factor=2)
+    assert x2.arch["scale"] == 2 and x2.scales == (2,)
+    lr = np.moveaxis(z["lr"], -1, 0).astype(np.float32) / 255
+    out = x2.upscale(lr, 2)
+    assert out.shape == (3, 32, 32)
+    x4 = FusionSR(x2=x2)
+    assert x4.scales == (2, 4)
+    assert np.array_equal(x4.upscale(lr, 2), out)  # the x4 model runs x2 with its x2 network
+    x4.configure(EnhanceConfig(scale=2))
+    assert x4.consistency == 0.5  # ... and the engine projects with that network's strength
+    x4.configure(EnhanceConfig(scale=4))
+    assert x4.consistency == FusionSR.default_consistency
+    x4.configure(EnhanceConfig(scale=2, consistency=0.1))
+    assert x4.consistency == 0.1  # a strength the user asks for wins
+    assert f"; x2: {weights.name} + experts lanczos" in x4.provenance()["member"]

@@ -15,11 +15,15 @@ DEFAULT_MODEL = "aerial-x4"
 @lru_cache(maxsize=None)
 def _registry(device: str) -> dict[str, SRModel]:
     """One instance per model and device, so loaded weights are reused across calls (bench, accessor, tests)."""
-    from .fusion import WEIGHTS_V1, FusionSR
+    from .fusion import WEIGHTS_V1, WEIGHTS_X2, X2_CONSISTENCY, FusionSR
     from .mmsr.model import MMSRModel
     from .networks import TorchSR, Waifu2xSR
     from .resample import Replicate, bicubic, lanczos3
 
+    x2 = FusionSR(device=device, path=WEIGHTS_X2, name="aerial-x2", consistency=X2_CONSISTENCY, chroma_factor=2,
+                  description="geosr aerial x2 stage 1: RRDN-GAN (x4, brought down) and waifu2x photo x2 (plain and "
+                              "denoising) fused per pixel by a network trained by geosr on data/train; what aerial-x4 "
+                              "runs at --scale 2")
     return {
         "bicubic": bicubic(),
         "lanczos": lanczos3(),
@@ -40,7 +44,8 @@ def _registry(device: str) -> dict[str, SRModel]:
                         "fidelity first, smooth")
            for name, first, what in (("waifu2x-photo", "scale", "plain x2"),
                                      ("waifu2x-photo-denoise", "noise1", "x2 with JPEG-noise removal level 1"))},
-        "aerial-x4": FusionSR(device=device),
+        "aerial-x4": FusionSR(device=device, x2=x2),
+        "aerial-x2": x2,
         "aerial-x4-v1": FusionSR(
             device=device, path=WEIGHTS_V1, name="aerial-x4-v1", consistency=0.5, chroma_factor=2,
             description="geosr aerial x4 stage 1, first release (trained for L1 + 0.5 LPIPS): better LPIPS, lower "

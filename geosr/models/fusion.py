@@ -51,17 +51,19 @@ class _Block(nn.Module):
 
 
 class FusionNet(nn.Module):
-    """``forward(lr (B,3,h,w), experts (B,3·len(experts),4h,4w))`` -> ``(B,3,4h,4w)``; all in [0, 1] scale.
+    """``forward(lr (B,3,h,w), experts (B,3·len(experts),sh,sw))`` -> ``(B,3,sh,sw)`` (s = ``scale``); all in
+    [0, 1] scale.
 
-    ``experts`` names the registry models whose ×4 outputs are the candidates, in input order."""
+    ``experts`` names the registry models whose outputs at ``scale`` (:func:`candidate`) are the candidates, in
+    input order."""
 
     def __init__(self, features: int = 64, blocks: int = 6, residual: bool = True,
-                 experts: tuple[str, ...] | list[str] = LEGACY_EXPERTS):
+                 experts: tuple[str, ...] | list[str] = LEGACY_EXPERTS, scale: int = SCALE):
         super().__init__()
         self.experts = tuple(experts)
         k = len(self.experts) + 1  # + bicubic
-        self.k, self.residual = k, residual
-        s2 = SCALE * SCALE
+        self.k, self.residual, self.scale = k, residual, int(scale)
+        s2 = self.scale * self.scale
         self.inp = nn.Conv2d(3 + 3 * k * s2, features, 3, padding=1)
         self.body = nn.Sequential(*[_Block(features) for _ in range(blocks)])
         # per output px: k mixing logits, and (residual) a 3-channel correction
@@ -71,26 +73,40 @@ class FusionNet(nn.Module):
 
     def forward(self, lr: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         b, _, h, w = lr.shape
-        bic = F.interpolate(lr, scale_factor=SCALE, mode="bicubic", align_corners=False)
+        s = self.scale
+        bic = F.interpolate(lr, scale_factor=s, mode="bicubic", align_corners=False)
         cands = torch.cat([experts, bic], 1)  # (B, 3k, H, W)
-        x = torch.cat([lr, F.pixel_unshuffle(cands, SCALE)], 1)
+        x = torch.cat([lr, F.pixel_unshuffle(cands, s)], 1)
         x = self.inp(x)
         x = self.head(F.leaky_relu(self.body(x), 0.1))
-        x = F.pixel_shuffle(x, SCALE)  # (B, [3 +] k, H, W): the correction first, then the mixing logits
+        x = F.pixel_shuffle(x, s)  # (B, [3 +] k, H, W): the correction first, then the mixing logits
         r = 3 if self.residual else 0
         weights = torch.softmax(x[:, r:], 1)  # (B, k, H, W)
-        mixed = (cands.view(b, self.k, 3, h * SCALE, w * SCALE) * weights[:, :, None]).sum(1)
+        mixed = (cands.view(b, self.k, 3, h * s, w * s) * weights[:, :, None]).sum(1)
         return mixed + x[:, :3] if self.residual else mixed
 
 
 def read_arch(path: str | Path) -> dict:
-    """The ``FusionNet`` arguments recorded in a weights file's metadata (``experts`` filled in for old files)."""
+    """The ``FusionNet`` arguments recorded in a weights file's metadata (``experts`` and ``scale`` filled in for
+    old files)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         arch = json.loads((f.metadata() or {}).get("net", "{}"))
     arch["experts"] = tuple(arch.get("experts", LEGACY_EXPERTS))
+    arch["scale"] = int(arch.get("scale", SCALE))
     return arch
+
+
+def candidate(model: SRModel, x: np.ndarray, scale: int) -> np.ndarray:
+    """An expert's output for ``x`` ``(C, h, w)`` at ``scale``, as 8-bit values in [0, 1] (how the fusion network
+    sees its candidates in training and at inference): the expert's own ``scale`` where it has one, else its
+    largest scale brought down with the antialiased bicubic of the LR-consistency projection."""
+    native = scale if scale in model.scales else max(model.scales)
+    out = model.upscale(x, native)
+    if native != scale:
+        out = downscale(out, (x.shape[-2] * scale, x.shape[-1] * scale))
+    return np.round(np.clip(out, 0.0, 1.0) * 255.0) / 255.0
 
 
 def load_net(path: str | Path) -> FusionNet:
@@ -109,15 +125,15 @@ CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 WEIGHTS = CHECKPOINTS / "aerial-fusion-x4.safetensors"  # committed: the default, trained with an SSIM-Y term
 # committed: the first release (L1 + 0.5 LPIPS), kept as `aerial-x4-v1` because mmsr-aerial-x4 was trained over it
 WEIGHTS_V1 = CHECKPOINTS / "aerial-fusion-x4-v1.safetensors"
+# committed: the x2 network (its candidates are the experts' outputs at x2), what aerial-x4 runs at --scale 2
+WEIGHTS_X2 = CHECKPOINTS / "aerial-fusion-x2.safetensors"
+X2_CONSISTENCY = 0.5  # its LR-consistency projection strength, chosen on the x2 benchmark's crops (MODEL_CARD.md)
 
 
 class FusionSR(SRModel):
     """geosr's trained stage 1: the experts run on the tile, :class:`FusionNet` combines them."""
 
     name = "aerial-x4"
-    # x2: the x4 result brought down by the antialiased bicubic the LR-consistency projection uses (imagery that
-    # is already sharp needs less enlargement; measured in benchmarks/x2_default.py)
-    scales = (2, 4)
     channels = 3
     receptive_field = 56  # Real-ESRGAN's 48 input px plus a little of the fusion network's own context
     default_tile = 512
@@ -126,12 +142,16 @@ class FusionSR(SRModel):
     # these weights (0.5 cost 0.012 LPIPS on the real crops and gained 0.004 on the clean ones), 0.5 for v1
     consistency = default_consistency = 0.25
     description = ("geosr aerial x4 stage 1: RRDN-GAN and Real-ESRGAN x4plus fused per pixel by a network trained "
-                   "by geosr on data/train")
+                   "by geosr on data/train; x2 runs aerial-x2")
 
     def __init__(self, *, device: str = "cpu", path: Path | None = None, name: str | None = None,
-                 description: str | None = None, consistency: float | None = None, chroma_factor: int = CHROMA_FACTOR):
+                 description: str | None = None, consistency: float | None = None, chroma_factor: int = CHROMA_FACTOR,
+                 x2: FusionSR | None = None):
+        """``x2``: the model that runs ``scale=2`` for this x4 one (a x2 network's FusionSR); without it, x2 is the
+        x4 output brought down by the antialiased bicubic of the LR-consistency projection."""
         self.device = device
         self.chroma_factor = chroma_factor
+        self.x2 = x2
         if consistency is not None:
             self.consistency = self.default_consistency = consistency
         self.path = Path(path) if path is not None else WEIGHTS
@@ -144,9 +164,30 @@ class FusionSR(SRModel):
         self._lock = threading.Lock()
 
     @functools.cached_property
+    def arch(self) -> dict:
+        """The network's recorded arguments (read once from the file): its ``experts`` and ``scale`` among them."""
+        return read_arch(self.path) if self.path.is_file() else {"experts": EXPERTS, "scale": SCALE}
+
+    @property
     def experts(self) -> tuple[str, ...]:
-        """The registry names of the candidates the weights were trained with (read once from the file)."""
-        return read_arch(self.path)["experts"] if self.path.is_file() else EXPERTS
+        """The registry names of the candidates the weights were trained with."""
+        return self.arch["experts"]
+
+    @property
+    def scales(self) -> tuple[int, ...]:
+        # a x4 network also gives x2 (its own x2 model's, else its x4 output brought down)
+        return (2, 4) if self.arch["scale"] == 4 else (self.arch["scale"],)
+
+    def _delegate(self, scale: int) -> FusionSR | None:
+        """The x2 model that runs ``scale`` instead of this one, if any."""
+        return self.x2 if self.x2 is not None and scale == 2 != self.arch["scale"] else None
+
+    def configure(self, config) -> None:
+        super().configure(config)
+        delegate = self._delegate(getattr(config, "scale", SCALE))
+        if delegate is not None:  # the engine projects with the strength chosen for the network that runs
+            delegate.configure(config)
+            self.consistency = delegate.consistency
 
     def _expert_models(self) -> list[SRModel]:
         from . import get_model
@@ -154,7 +195,8 @@ class FusionSR(SRModel):
         return [get_model(name, device=self.device) for name in self.experts]
 
     def weights_present(self) -> bool:
-        return self.path.is_file() and all(m.weights_present() for m in self._expert_models())
+        return (self.path.is_file() and all(m.weights_present() for m in self._expert_models())
+                and (self.x2 is None or self.x2.weights_present()))
 
     def provenance(self) -> dict[str, str]:
         if not self.path.is_file():
@@ -163,10 +205,13 @@ class FusionSR(SRModel):
 
         with safe_open(str(self.path), framework="pt") as f:
             meta = f.metadata() or {}
+        member = f"{self.path.name} + experts {', '.join(self.experts)}"
+        if self.x2 is not None and self.x2.path.is_file():
+            member += f"; x2: {self.x2.provenance()['member']}, sha256 {_sha256(self.x2.path)[:12]}..."
         return {"package": f"geosr-trained:{self.path.stem}", "version": f"{meta.get('trained_steps', '?')} steps",
                 "registry": "committed with geosr (trained here on data/train, see geosr/checkpoints/MODEL_CARD.md)",
-                "member": f"{self.path.name} + experts {', '.join(self.experts)}", "sha256": _sha256(self.path),
-                "license": "Apache-2.0", "trained_steps": meta.get("trained_steps", "")}
+                "member": member, "sha256": _sha256(self.path), "license": "Apache-2.0",
+                "trained_steps": meta.get("trained_steps", "")}
 
     def prepare(self) -> None:
         with self._lock:
@@ -193,16 +238,19 @@ class FusionSR(SRModel):
 
     def upscale(self, x: np.ndarray, scale: int) -> np.ndarray:
         self.check_scale(scale)
+        delegate = self._delegate(scale)
+        if delegate is not None:
+            return delegate.upscale(x, scale)
         self.prepare()
-        # the experts' outputs as 8-bit values, as the network saw them in training
-        outs = [np.round(np.clip(m.upscale(x, SCALE), 0.0, 1.0) * 255.0) / 255.0 for m in self._experts]
+        net_scale = self.arch["scale"]
+        outs = [candidate(m, x, net_scale) for m in self._experts]  # 8-bit values, as in training
         with torch.inference_mode():
             lr = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None]
             ex = torch.from_numpy(np.concatenate(outs).astype(np.float32))[None]
             out = self._net(lr, ex)[0].numpy()
         if not is_grey(x):  # a grey tile has no colour to keep in check (and the engine makes its output grey)
             out = limit_chroma(out, self.chroma_factor)
-        if scale == SCALE:
+        if scale == net_scale:
             return out
         return downscale(out, (x.shape[-2] * scale, x.shape[-1] * scale)).astype(np.float32)
 

@@ -27,14 +27,13 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-SCALE = 4
-
 
 @dataclass
 class Stage1Config:
     data: str = "../shared/data/train"
     pairs: int = 320  # stored (LR, experts, HR) pairs
-    crop: int = 192  # HR px (LR = crop / 4)
+    crop: int = 192  # HR px (LR = crop / scale)
+    scale: int = 4  # the fusion network's factor; its candidates are the experts' outputs at it
     p_clean: float = 0.3
     p_light: float = 0.5  # else second-order (geosr.training.degrade)
     light_blur: tuple[float, float] = (0.3, 1.6)  # Gaussian sigma, HR px (PIL GaussianBlur radius)
@@ -65,10 +64,10 @@ def _pil_resize(a: np.ndarray, size: int) -> np.ndarray:
 
 
 def sample_degradation(hr: np.ndarray, cfg: Stage1Config, rng: np.random.Generator) -> tuple[np.ndarray, str]:
-    """HR ``(H, W, 3)`` uint8 -> (LR ``(H/4, W/4, 3)`` uint8, kind)."""
+    """HR ``(H, W, 3)`` uint8 -> (LR ``(H/s, W/s, 3)`` uint8, kind), s = ``cfg.scale``."""
     from PIL import Image, ImageFilter
 
-    size = hr.shape[0] // SCALE
+    size = hr.shape[0] // cfg.scale
     u = rng.random()
     if u < cfg.p_clean:
         return _pil_resize(hr, size), "clean"
@@ -90,14 +89,16 @@ def sample_degradation(hr: np.ndarray, cfg: Stage1Config, rng: np.random.Generat
     from .degrade import DegradationConfig, degrade, to_uint8
 
     t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(hr, -1, 0), dtype=np.float32) / 255.0)
-    out = degrade(t, scale=SCALE, config=DegradationConfig(p_clean=0.0), rng=rng)
+    out = degrade(t, scale=cfg.scale, config=DegradationConfig(p_clean=0.0), rng=rng)
     return to_uint8(out), "second-order"
 
 
 def make_pairs(out: str | Path, cfg: Stage1Config, progress=None) -> Path:
     """Write ``cfg.pairs`` training pairs to ``out/pairs``; pairs already there are kept (resumable), and the
     outputs of experts they lack are added to them."""
+    from ..errors import ConfigError
     from ..models import get_model
+    from ..models.fusion import candidate
     from .data import CropSampler
 
     folder = Path(out) / "pairs"
@@ -115,12 +116,15 @@ def make_pairs(out: str | Path, cfg: Stage1Config, progress=None) -> Path:
         if path.exists():
             z = np.load(path)
             hr, lr, kind = z["hr"], z["lr"], str(z["kind"])
+            if hr.shape[0] != lr.shape[0] * cfg.scale:
+                raise ConfigError(f"{path} holds a x{hr.shape[0] // lr.shape[0]} pair, not x{cfg.scale}: use "
+                                  "another folder for each scale")
             stored = dict(zip(_expert_names(z), z["experts"]))
         missing = [name for name in cfg.experts if name not in stored]
         if missing:
             x = np.moveaxis(lr, -1, 0).astype(np.float32) / 255.0
             for name in missing:
-                stored[name] = np.clip(np.round(experts[name].upscale(x, SCALE) * 255.0), 0, 255).astype(np.uint8)
+                stored[name] = np.round(candidate(experts[name], x, cfg.scale) * 255.0).astype(np.uint8)
             tmp = path.with_suffix(".tmp.npz")
             np.savez(tmp, hr=hr, lr=lr, experts=np.stack(list(stored.values())), expert_names=np.array(list(stored)),
                      kind=kind)
@@ -182,7 +186,8 @@ def train_fusion(out: str | Path, cfg: Stage1Config, progress=None, init: str | 
     if cfg.holdout:
         held = (hr[-cfg.holdout:], lr[-cfg.holdout:], ex[-cfg.holdout:])
         hr, lr, ex = hr[:-cfg.holdout], lr[:-cfg.holdout], ex[:-cfg.holdout]
-    net = FusionNet(features=cfg.features, blocks=cfg.blocks, residual=cfg.residual, experts=cfg.experts)
+    net = FusionNet(features=cfg.features, blocks=cfg.blocks, residual=cfg.residual, experts=cfg.experts,
+                    scale=cfg.scale)
     done = 0
     if init is not None:
         from safetensors import safe_open
@@ -195,15 +200,15 @@ def train_fusion(out: str | Path, cfg: Stage1Config, progress=None, init: str | 
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
     g = torch.Generator().manual_seed(cfg.seed)
-    n, crop = hr.shape[0], cfg.train_crop
+    n, crop, s = hr.shape[0], cfg.train_crop, cfg.scale
     t0 = time.perf_counter()
     log_path = (out / "train_log.jsonl").open("a" if init is not None else "w")
     for step in range(1, cfg.steps + 1):
         idx = torch.randint(0, n, (cfg.batch,), generator=g)
-        oy, ox = (torch.randint(0, (hr.shape[-1] - crop) // SCALE + 1, (2,), generator=g) * SCALE).tolist()
+        oy, ox = (torch.randint(0, (hr.shape[-1] - crop) // s + 1, (2,), generator=g) * s).tolist()
         h = hr[idx, :, oy:oy + crop, ox:ox + crop]
         e = ex[idx, :, oy:oy + crop, ox:ox + crop]
-        low = lr[idx, :, oy // SCALE:(oy + crop) // SCALE, ox // SCALE:(ox + crop) // SCALE]
+        low = lr[idx, :, oy // s:(oy + crop) // s, ox // s:(ox + crop) // s]
         if cfg.augment:
             v = int(torch.randint(0, 8, (1,), generator=g))
             h, e, low = (_dihedral(a, v % 4, v >= 4) for a in (h, e, low))
@@ -261,7 +266,8 @@ def _save(net, cfg: Stage1Config, steps: int, n: int, path: Path) -> Path:
 
     from .. import __version__
 
-    arch = {"features": cfg.features, "blocks": cfg.blocks, "residual": cfg.residual, "experts": list(cfg.experts)}
+    arch = {"features": cfg.features, "blocks": cfg.blocks, "residual": cfg.residual, "experts": list(cfg.experts),
+            "scale": cfg.scale}
     meta = {"config": json.dumps(asdict(cfg)), "net": json.dumps(arch), "trained_steps": str(steps),
             "pairs": str(n), "geosr_version": __version__}
     save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(path), metadata=meta)
