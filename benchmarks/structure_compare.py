@@ -89,7 +89,7 @@ def summary(report: dict) -> dict:
             "road_len_ref_m": rd["reference_graph"]["length_m"], "road_len_out_m": rd["output_graph"]["length_m"],
             "buildings_against": bd["against"], "ref_buildings": bd["reference_buildings"],
             "out_buildings": bd["output_buildings"], "matched": bd["matched"], "recall": bd["recall"],
-            "precision": bd["precision"], "angle_err_median_abs_deg": bd["angle_error_median_abs_deg"],
+            "precision": bd["precision"], "f1": bd.get("f1"), "angle_err_median_abs_deg": bd["angle_error_median_abs_deg"],
             "dominant_shift_deg": bd["dominant_shift_deg"], "orientation_hist_intersection": bd["histogram_intersection"],
             "semantic_miou": sem["mean_iou"], "semantic_pixel_agreement": sem["pixel_agreement"]}
 
@@ -101,7 +101,7 @@ def fmt(v, nd=3):
 def table(rows: list[dict]) -> str:
     cols = [("case", "case", None), ("deg", "degradation", None), ("method", "method", None),
             ("PSNR-Y", "psnr_y", 2), ("LPIPS", "lpips", 4), ("LRC", "lrc_db", 2), ("APLS", "apls", 3),
-            ("bld ref/out/match", None, None), ("bld recall", "recall", 3), ("bld prec", "precision", 3),
+            ("bld ref/out/match", None, None), ("bld recall", "recall", 3), ("bld prec", "precision", 3), ("bld F1", "f1", 3),
             ("ang err med", "angle_err_median_abs_deg", 1), ("orient hist ∩", "orientation_hist_intersection", 3),
             ("sem mIoU", "semantic_miou", 3), ("s", "seconds", 1)]
     lines = ["| " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * len(cols)]

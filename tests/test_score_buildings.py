@@ -66,8 +66,18 @@ def test_unrotated_layer_agrees_perfectly(footprints):
     _, polys, _ = footprints
     out = buildings.compare(polys, polys, CONFIG)
     assert out["matched"] == out["oriented"] == len(polys) and out["recall"] == 1.0 and out["precision"] == 1.0
+    assert out["f1"] == 1.0
     assert out["angle_error_mean_abs_deg"] == 0.0 and out["histogram_intersection"] == pytest.approx(1.0)
     assert out["dominant_shift_deg"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_a_layer_missing_half_the_buildings_has_their_recall_and_f1(footprints):
+    _, polys, _ = footprints
+    half = polys[: len(polys) // 2]
+    out = buildings.compare(polys, half, CONFIG)
+    assert out["precision"] == 1.0 and out["recall"] == pytest.approx(len(half) / len(polys))
+    assert out["f1"] == pytest.approx(2 * len(half) / (len(polys) + len(half)))
+    assert buildings.compare(half[:0], half[:0], CONFIG)["f1"] is None
 
 
 def test_angle_error_wraps_on_the_ninety_degree_circle():

@@ -9,7 +9,7 @@
    rectangle looks the same turned by 90°): ``[0, 90)``. The angle error of a matched pair is the signed
    difference wrapped to ``[-45, 45)``.
 4. **Matching.** Reference and output buildings are paired one to one, greedily by IoU, down to
-   ``building_match_iou``: ``matched``, ``recall`` and ``precision`` count these pairs. Orientation is compared for
+   ``building_match_iou``: ``matched``, ``recall``, ``precision`` and their harmonic mean ``f1`` count these pairs. Orientation is compared for
    every reference building that one output polygon covers at least half of (``oriented``; touching buildings that
    the mask merged into one block all take that block's orientation). The report gives these per-building errors
    (signed, so a rotation shows), their mean and median magnitude, the area-weighted orientation histograms
@@ -157,6 +157,8 @@ def compare(ref: np.ndarray, out: np.ndarray, config) -> dict:
         "reference_buildings": int(len(ref)), "output_buildings": int(len(out)), "matched": len(pairs),
         "recall": len(pairs) / len(ref) if len(ref) else None,
         "precision": len(pairs) / len(out) if len(out) else None,
+        # the harmonic mean of the two, as SpaceNet scores building footprints: 2 matched / (reference + output)
+        "f1": 2 * len(pairs) / (len(ref) + len(out)) if len(ref) + len(out) else None,
         "oriented": len(covered),
         "angle_error_mean_abs_deg": float(np.mean(np.abs(err))) if len(err) else None,
         "angle_error_median_abs_deg": float(np.median(np.abs(err))) if len(err) else None,
