@@ -1,13 +1,15 @@
 """×2: the default model at ``--scale 2`` against interpolation, waifu2x ×2 and the ×4 anchors brought down to ×2.
 
+At ``--scale 2`` the default runs its ×2 network (``aerial-x2``: RRDN-GAN and Real-ESRGAN brought down to ×2 and
+waifu2x ×2, fused per pixel) and its projection strength.
+
 BENCHMARK.md's protocol is ×4 only. This is its ×2 analogue, on the same HR crops and metrics:
 - ``clean``: antialiased bicubic downscale by 2 (256² LR);
 - ``real``: Gaussian blur σ = 0.5 px (the protocol's σ = 1 scaled to the factor), bicubic downscale by 2, noise
   σ = 3 (``default_rng(crop_index)``), JPEG 70.
 
-The ×4 anchors run ×4 as published and their output is downscaled by 2 with the protocol's antialiased bicubic (the
-route the default takes at ×2, which then applies its LR-consistency projection); waifu2x's photo network is a
-native ×2 network (with its JPEG-noise removal level 1 too), run as geosr runs it (no projection):
+The ×4 anchors run ×4 as published and their output is downscaled by 2 with the protocol's antialiased bicubic (as
+aerial-x2 gets them among its candidates); waifu2x's photo network is a native ×2 network (with its JPEG-noise removal level 1 too), run as geosr runs it (no projection):
 
     .venv/bin/python benchmarks/x2_default.py --json benchmarks/results/x2_default.json
 """
@@ -69,7 +71,7 @@ def main(argv=None) -> int:
         "realesrgan-x4plus x4, downscaled": (EnhanceConfig(model="realesrgan-x4plus", **x4), True),
         "waifu2x-photo x2": (EnhanceConfig(model="waifu2x-photo", **x2), False),
         "waifu2x-photo-denoise x2": (EnhanceConfig(model="waifu2x-photo-denoise", **x2), False),
-        "default (aerial-x4 at --scale 2)": (EnhanceConfig(**x2), False),
+        "default (aerial-x4 at --scale 2: its x2 network, aerial-x2)": (EnhanceConfig(**x2), False),
     }
     crops = load_crops()
     rows = []

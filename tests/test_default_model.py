@@ -14,9 +14,11 @@ from geosr.models.fusion import EXPERTS, WEIGHTS
 HERE = Path(__file__).resolve().parent
 SLICE = HERE / "data" / "aerial_x4_slice.npz"  # written by `python tests/test_default_model.py aerial-x4`
 V1_SLICE = HERE / "data" / "aerial_x4_v1_slice.npz"  # `python tests/test_default_model.py aerial-x4-v1`
+X2_SLICE = HERE / "data" / "aerial_x2_slice.npz"  # `python tests/test_default_model.py aerial-x2`
 MMSR_SLICE = HERE / "data" / "mmsr_aerial_x4_slice.npz"  # written by `python tests/test_default_model.py mmsr`
 FIXTURE = data_dir() / "fixtures" / "zurich_swissimage_tile00_175x120.tif"
 experts_present = all(get_model(name).weights_present() for name in EXPERTS)
+x2_experts_present = all(get_model(name).weights_present() for name in get_model("aerial-x2").experts)
 
 
 def _input() -> np.ndarray:
@@ -25,6 +27,10 @@ def _input() -> np.ndarray:
 
     with rasterio.open(FIXTURE) as src:
         return src.read(window=Window(40, 30, 48, 48))  # (3, 48, 48) uint8
+
+
+def _settings(name: str | None) -> dict:
+    return {"aerial-x2": {"model": name, "scale": 2}}.get(name, {"model": name} if name else {})
 
 
 def _run(**settings) -> np.ndarray:
@@ -54,32 +60,39 @@ def test_the_trained_stage1_is_the_default_committed_and_listed(run_cli):
     assert "geosr-trained:aerial-fusion-x4" in proc.stdout
 
 
-@pytest.mark.skipif(not (experts_present and FIXTURE.is_file()), reason="expert weights or the fixture missing")
-def test_the_default_runs_x2_as_its_x4_brought_down_by_the_projections_operator():
+@pytest.mark.skipif(not (experts_present and x2_experts_present and FIXTURE.is_file()),
+                    reason="expert weights or the fixture missing")
+def test_the_default_runs_x2_with_its_x2_network_and_v1_brings_its_x4_down():
     from geosr.models.consistency import downscale
+    from geosr.models.fusion import WEIGHTS_X2
 
     lr = _input()
     x = lr[:, :24, :24].astype(np.float32) / 255
-    model = get_model()
-    assert 2 in model.scales and 4 in model.scales
-    y2, y4 = model.upscale(x, 2), model.upscale(x, 4)
+    model, x2, v1 = get_model(), get_model("aerial-x2"), get_model("aerial-x4-v1")
+    assert model.scales == (2, 4) and x2.scales == (2,) and x2.path == WEIGHTS_X2 and x2.arch["scale"] == 2
+    assert WEIGHTS_X2.stat().st_size < 5_000_000
+    y2 = model.upscale(x, 2)
     assert y2.shape == (3, 48, 48) and y2.dtype == np.float32
-    np.testing.assert_allclose(y2, downscale(y4, (48, 48)), atol=1e-5)
-    # a plain `--scale 2` run: the default model, its projection at x2
+    assert np.array_equal(y2, x2.upscale(x, 2))  # the default's x2 is its x2 network's
+    assert np.abs(y2 - downscale(model.upscale(x, 4), (48, 48))).mean() > 1e-3  # not its x4 brought down
+    np.testing.assert_allclose(v1.upscale(x, 2), downscale(v1.upscale(x, 4), (48, 48)), atol=1e-5)  # v1's is
+    # a plain `--scale 2` run: the default model, the x2 network's projection strength
     out = _run(scale=2)
+    assert np.array_equal(out, _run(scale=2, model="aerial-x2"))
     bicubic = _run(scale=2, model="bicubic")
     assert out.shape == bicubic.shape == (3, 96, 96) and out.dtype == np.uint8
     hwc = lambda a: np.moveaxis(a, 0, -1)  # noqa: E731
     assert lr_consistency(hwc(out), hwc(lr)) > 38  # agrees with its input
     assert np.abs(out.astype(int) - bicubic.astype(int)).mean() > 1  # and is not bicubic
+    assert "; x2: aerial-fusion-x2.safetensors" in model.provenance()["member"]
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (experts_present and FIXTURE.is_file()), reason="expert weights or the fixture missing")
-@pytest.mark.parametrize("name, path", [(None, SLICE), ("aerial-x4-v1", V1_SLICE)])
+@pytest.mark.parametrize("name, path", [(None, SLICE), ("aerial-x4-v1", V1_SLICE), ("aerial-x2", X2_SLICE)])
 def test_committed_stage1_weights_reproduce_the_stored_output(name, path):
     stored = np.load(path)
-    out = _run(**({"model": name} if name else {}))  # the default model (or v1) with its own settings
+    out = _run(**_settings(name))  # the default model (or v1, or the x2 network) with its own settings
     assert out.shape == tuple(stored["shape"])
     diff = np.abs(out[:, 64:128, 64:128].astype(np.int16) - stored["slice"].astype(np.int16))
     # the same bits on this kind of machine; a last-bit float difference elsewhere may move a pixel by 1
@@ -129,12 +142,12 @@ def test_committed_mmsr_weights_reproduce_the_stored_output():
     assert diff.max() <= 1 and diff.mean() < 0.05
 
 
-if __name__ == "__main__":  # regenerate a stored slice after retraining: aerial-x4, aerial-x4-v1 or mmsr
+if __name__ == "__main__":  # regenerate a stored slice after retraining: aerial-x4, aerial-x4-v1, aerial-x2 or mmsr
     import sys
 
     name = sys.argv[1] if len(sys.argv) > 1 else "aerial-x4"
-    path = {"aerial-x4": SLICE, "aerial-x4-v1": V1_SLICE, "mmsr": MMSR_SLICE}[name]
-    out = _run(model=name)
+    path = {"aerial-x4": SLICE, "aerial-x4-v1": V1_SLICE, "aerial-x2": X2_SLICE, "mmsr": MMSR_SLICE}[name]
+    out = _run(**_settings(name))
     path.parent.mkdir(exist_ok=True)
     np.savez_compressed(path, slice=out[:, 64:128, 64:128], shape=np.array(out.shape))
     print(f"wrote {path}")

@@ -21,9 +21,9 @@ def _registry(device: str) -> dict[str, SRModel]:
     from .resample import Replicate, bicubic, lanczos3
 
     x2 = FusionSR(device=device, path=WEIGHTS_X2, name="aerial-x2", consistency=X2_CONSISTENCY, chroma_factor=2,
-                  description="geosr aerial x2 stage 1: RRDN-GAN (x4, brought down) and waifu2x photo x2 (plain and "
-                              "denoising) fused per pixel by a network trained by geosr on data/train; what aerial-x4 "
-                              "runs at --scale 2")
+                  description="geosr aerial x2 stage 1: RRDN-GAN and Real-ESRGAN x4plus (brought down from x4) and "
+                              "waifu2x photo x2 (plain and denoising) fused per pixel by a network trained by geosr on "
+                              "data/train; what aerial-x4 runs at --scale 2")
     return {
         "bicubic": bicubic(),
         "lanczos": lanczos3(),
