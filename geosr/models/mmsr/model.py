@@ -138,7 +138,7 @@ class MMSRModel(SRModel):
 
     @property
     def scales(self) -> tuple[int, ...]:
-        """The checkpoint's scale and, for an even one, half of it (the output downscaled by 2, as aerial-x4's x2)."""
+        """The checkpoint's scale and, for an even one, half of it (its output downscaled by 2, as aerial-x4-v1's)."""
         native = self._bundle.config.scale if self._bundle is not None else 4
         return (native // 2, native) if native % 2 == 0 and native >= 4 else (native,)
 
