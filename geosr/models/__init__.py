@@ -44,7 +44,7 @@ def _registry(device: str) -> dict[str, SRModel]:
                         "fidelity first, smooth")
            for name, first, what in (("waifu2x-photo", "scale", "plain x2"),
                                      ("waifu2x-photo-denoise", "noise1", "x2 with JPEG-noise removal level 1"))},
-        "aerial-x4": FusionSR(device=device, x2=x2),
+        "aerial-x4": FusionSR(device=device, x2=x2, description=FusionSR.description + "; x2 runs aerial-x2"),
         "aerial-x2": x2,
         "aerial-x4-v1": FusionSR(
             device=device, path=WEIGHTS_V1, name="aerial-x4-v1", consistency=0.5, chroma_factor=2,

@@ -142,7 +142,7 @@ class FusionSR(SRModel):
     # these weights (0.5 cost 0.012 LPIPS on the real crops and gained 0.004 on the clean ones), 0.5 for v1
     consistency = default_consistency = 0.25
     description = ("geosr aerial x4 stage 1: RRDN-GAN and Real-ESRGAN x4plus fused per pixel by a network trained "
-                   "by geosr on data/train; x2 runs aerial-x2")
+                   "by geosr on data/train")
 
     def __init__(self, *, device: str = "cpu", path: Path | None = None, name: str | None = None,
                  description: str | None = None, consistency: float | None = None, chroma_factor: int = CHROMA_FACTOR,
@@ -180,7 +180,7 @@ class FusionSR(SRModel):
 
     def _delegate(self, scale: int) -> FusionSR | None:
         """The x2 model that runs ``scale`` instead of this one, if any."""
-        return self.x2 if self.x2 is not None and scale == 2 != self.arch["scale"] else None
+        return self.x2 if self.x2 is not None and scale == 2 and self.arch["scale"] != 2 else None
 
     def configure(self, config) -> None:
         super().configure(config)

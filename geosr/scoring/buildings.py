@@ -9,9 +9,10 @@
    rectangle looks the same turned by 90°): ``[0, 90)``. The angle error of a matched pair is the signed
    difference wrapped to ``[-45, 45)``.
 4. **Matching.** Reference and output buildings are paired one to one, greedily by IoU, down to
-   ``building_match_iou``: ``matched``, ``recall``, ``precision`` and their harmonic mean ``f1`` count these pairs. Orientation is compared for
-   every reference building that one output polygon covers at least half of (``oriented``; touching buildings that
-   the mask merged into one block all take that block's orientation). The report gives these per-building errors
+   ``building_match_iou``: ``matched``, ``recall``, ``precision`` and their harmonic mean ``f1`` count these pairs.
+   Orientation is compared for every reference building that one output polygon covers at least half of
+   (``oriented``; touching buildings that the mask merged into one block all take that block's orientation). The
+   report gives these per-building errors
    (signed, so a rotation shows), their mean and median magnitude, the area-weighted orientation histograms
    (``orientation_bins`` over ``[0, 90)``), their intersection (1: the same distribution) and each layer's dominant
    orientation: the area-weighted circular mean on the 90° circle, ``atan2(sum w sin 4a, sum w cos 4a) / 4``.
