@@ -72,6 +72,7 @@ def main(argv=None) -> int:
         "waifu2x-photo x2": (EnhanceConfig(model="waifu2x-photo", **x2), False),
         "waifu2x-photo-denoise x2": (EnhanceConfig(model="waifu2x-photo-denoise", **x2), False),
         "default (aerial-x4 at --scale 2: its x2 network, aerial-x2)": (EnhanceConfig(**x2), False),
+        "aerial-x2-fast (no Real-ESRGAN)": (EnhanceConfig(model="aerial-x2-fast", **x2), False),
     }
     crops = load_crops()
     rows = []

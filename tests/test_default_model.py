@@ -15,6 +15,7 @@ HERE = Path(__file__).resolve().parent
 SLICE = HERE / "data" / "aerial_x4_slice.npz"  # written by `python tests/test_default_model.py aerial-x4`
 V1_SLICE = HERE / "data" / "aerial_x4_v1_slice.npz"  # `python tests/test_default_model.py aerial-x4-v1`
 X2_SLICE = HERE / "data" / "aerial_x2_slice.npz"  # `python tests/test_default_model.py aerial-x2`
+X2_FAST_SLICE = HERE / "data" / "aerial_x2_fast_slice.npz"  # `python tests/test_default_model.py aerial-x2-fast`
 MMSR_SLICE = HERE / "data" / "mmsr_aerial_x4_slice.npz"  # written by `python tests/test_default_model.py mmsr`
 FIXTURE = data_dir() / "fixtures" / "zurich_swissimage_tile00_175x120.tif"
 experts_present = all(get_model(name).weights_present() for name in EXPERTS)
@@ -30,7 +31,7 @@ def _input() -> np.ndarray:
 
 
 def _settings(name: str | None) -> dict:
-    return {"aerial-x2": {"model": name, "scale": 2}}.get(name, {"model": name} if name else {})
+    return {"model": name, "scale": 2} if name and name.startswith("aerial-x2") else {"model": name} if name else {}
 
 
 def _run(**settings) -> np.ndarray:
@@ -89,7 +90,8 @@ def test_the_default_runs_x2_with_its_x2_network_and_v1_brings_its_x4_down():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (experts_present and FIXTURE.is_file()), reason="expert weights or the fixture missing")
-@pytest.mark.parametrize("name, path", [(None, SLICE), ("aerial-x4-v1", V1_SLICE), ("aerial-x2", X2_SLICE)])
+@pytest.mark.parametrize("name, path", [(None, SLICE), ("aerial-x4-v1", V1_SLICE), ("aerial-x2", X2_SLICE),
+                                        ("aerial-x2-fast", X2_FAST_SLICE)])
 def test_committed_stage1_weights_reproduce_the_stored_output(name, path):
     stored = np.load(path)
     out = _run(**_settings(name))  # the default model (or v1, or the x2 network) with its own settings
@@ -142,11 +144,12 @@ def test_committed_mmsr_weights_reproduce_the_stored_output():
     assert diff.max() <= 1 and diff.mean() < 0.05
 
 
-if __name__ == "__main__":  # regenerate a stored slice after retraining: aerial-x4, aerial-x4-v1, aerial-x2 or mmsr
+if __name__ == "__main__":  # regenerate a stored slice after retraining: aerial-x4, -x4-v1, -x2, -x2-fast or mmsr
     import sys
 
     name = sys.argv[1] if len(sys.argv) > 1 else "aerial-x4"
-    path = {"aerial-x4": SLICE, "aerial-x4-v1": V1_SLICE, "aerial-x2": X2_SLICE, "mmsr": MMSR_SLICE}[name]
+    path = {"aerial-x4": SLICE, "aerial-x4-v1": V1_SLICE, "aerial-x2": X2_SLICE, "aerial-x2-fast": X2_FAST_SLICE,
+            "mmsr": MMSR_SLICE}[name]
     out = _run(**_settings(name))
     path.parent.mkdir(exist_ok=True)
     np.savez_compressed(path, slice=out[:, 64:128, 64:128], shape=np.array(out.shape))
