@@ -48,7 +48,7 @@ def _registry(device: str) -> dict[str, SRModel]:
         "aerial-x2": x2,
         "aerial-x2-fast": FusionSR(
             device=device, path=WEIGHTS_X2_FAST, name="aerial-x2-fast", consistency=X2_CONSISTENCY, chroma_factor=2,
-            description="aerial-x2 without Real-ESRGAN among its candidates: about 3x faster, worse LPIPS on damaged "
+            description="aerial-x2 without Real-ESRGAN among its candidates: about 4x faster, worse LPIPS on damaged "
                         "inputs"),
         "aerial-x4-v1": FusionSR(
             device=device, path=WEIGHTS_V1, name="aerial-x4-v1", consistency=0.5, chroma_factor=2,

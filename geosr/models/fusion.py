@@ -127,7 +127,7 @@ WEIGHTS = CHECKPOINTS / "aerial-fusion-x4.safetensors"  # committed: the default
 WEIGHTS_V1 = CHECKPOINTS / "aerial-fusion-x4-v1.safetensors"
 # committed: the x2 network (its candidates are the experts' outputs at x2), what aerial-x4 runs at --scale 2
 WEIGHTS_X2 = CHECKPOINTS / "aerial-fusion-x2.safetensors"
-# committed: the same without Real-ESRGAN among its candidates, about 3x faster (`aerial-x2-fast`)
+# committed: the same without Real-ESRGAN among its candidates, about 4x faster (`aerial-x2-fast`)
 WEIGHTS_X2_FAST = CHECKPOINTS / "aerial-fusion-x2-fast.safetensors"
 X2_CONSISTENCY = 0.5  # their LR-consistency projection strength, chosen on the x2 benchmark's crops (MODEL_CARD.md)
 
