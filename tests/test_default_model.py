@@ -93,6 +93,8 @@ def test_the_default_runs_x2_with_its_x2_network_and_v1_brings_its_x4_down():
 @pytest.mark.parametrize("name, path", [(None, SLICE), ("aerial-x4-v1", V1_SLICE), ("aerial-x2", X2_SLICE),
                                         ("aerial-x2-fast", X2_FAST_SLICE)])
 def test_committed_stage1_weights_reproduce_the_stored_output(name, path):
+    if not get_model(name).weights_present():  # the x2 networks' waifu2x experts too
+        pytest.skip(f"{get_model(name).name}: expert weights missing (geosr weights fetch)")
     stored = np.load(path)
     out = _run(**_settings(name))  # the default model (or v1, or the x2 network) with its own settings
     assert out.shape == tuple(stored["shape"])
