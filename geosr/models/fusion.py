@@ -208,8 +208,9 @@ class FusionSR(SRModel):
         with safe_open(str(self.path), framework="pt") as f:
             meta = f.metadata() or {}
         member = f"{self.path.name} + experts {', '.join(self.experts)}"
-        if self.x2 is not None and self.x2.path.is_file():
-            member += f"; x2: {self.x2.provenance()['member']} (sha256 {_sha256(self.x2.path)[:12]}...)"
+        x2 = self.x2.provenance() if self.x2 is not None else {}
+        if x2:
+            member += f"; x2: {x2['member']} (sha256 {x2['sha256'][:12]}...)"
         return {"package": f"geosr-trained:{self.path.stem}", "version": f"{meta.get('trained_steps', '?')} steps",
                 "registry": "committed with geosr (trained here on data/train, see geosr/checkpoints/MODEL_CARD.md)",
                 "member": member, "sha256": _sha256(self.path), "license": "Apache-2.0",
