@@ -13,6 +13,7 @@ from geosr.models.fusion import EXPERTS, WEIGHTS
 
 HERE = Path(__file__).resolve().parent
 SLICE = HERE / "data" / "aerial_x4_slice.npz"  # written by `python tests/test_default_model.py aerial-x4`
+V2_SLICE = HERE / "data" / "aerial_x4_v2_slice.npz"  # `python tests/test_default_model.py aerial-x4-v2`
 V1_SLICE = HERE / "data" / "aerial_x4_v1_slice.npz"  # `python tests/test_default_model.py aerial-x4-v1`
 X2_SLICE = HERE / "data" / "aerial_x2_slice.npz"  # `python tests/test_default_model.py aerial-x2`
 X2_FAST_SLICE = HERE / "data" / "aerial_x2_fast_slice.npz"  # `python tests/test_default_model.py aerial-x2-fast`
@@ -90,7 +91,8 @@ def test_the_default_runs_x2_with_its_x2_network_and_v1_brings_its_x4_down():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (experts_present and FIXTURE.is_file()), reason="expert weights or the fixture missing")
-@pytest.mark.parametrize("name, path", [(None, SLICE), ("aerial-x4-v1", V1_SLICE), ("aerial-x2", X2_SLICE),
+@pytest.mark.parametrize("name, path", [(None, SLICE), ("aerial-x4-v2", V2_SLICE), ("aerial-x4-v1", V1_SLICE),
+                                        ("aerial-x2", X2_SLICE),
                                         ("aerial-x2-fast", X2_FAST_SLICE)])
 def test_committed_stage1_weights_reproduce_the_stored_output(name, path):
     if not get_model(name).weights_present():  # the x2 networks' waifu2x experts too
@@ -106,15 +108,17 @@ def test_committed_stage1_weights_reproduce_the_stored_output(name, path):
 def test_the_first_stage1_release_stays_as_mmsr_prior():
     import json
 
-    from geosr.models.fusion import WEIGHTS_V1, read_arch
+    from geosr.models.fusion import LEGACY_EXPERTS, WEIGHTS_V1, WEIGHTS_V2, read_arch
     from geosr.models.mmsr.bundle import INDEX
     from geosr.models.mmsr.model import EMBEDDED
 
-    v1, new = get_model("aerial-x4-v1"), get_model("aerial-x4")
-    assert v1.path == WEIGHTS_V1 and new.path == WEIGHTS and v1.path.read_bytes() != new.path.read_bytes()
-    assert (v1.consistency, new.consistency) == (0.5, 0.25)  # each file's measured settings
-    assert (v1.chroma_factor, new.chroma_factor) == (2, 4)
-    assert v1.experts == new.experts == EXPERTS and read_arch(WEIGHTS)["experts"] == EXPERTS
+    v1, v2, new = get_model("aerial-x4-v1"), get_model("aerial-x4-v2"), get_model("aerial-x4")
+    assert (v1.path, v2.path, new.path) == (WEIGHTS_V1, WEIGHTS_V2, WEIGHTS)
+    assert len({p.read_bytes() for p in (WEIGHTS_V1, WEIGHTS_V2, WEIGHTS)}) == 3
+    assert (v1.consistency, v2.consistency, new.consistency) == (0.5, 0.25, 0.25)  # each file's measured settings
+    assert (v1.chroma_factor, v2.chroma_factor, new.chroma_factor) == (2, 4, 4)
+    assert v1.experts == v2.experts == LEGACY_EXPERTS and read_arch(WEIGHTS)["experts"] == new.experts == EXPERTS
+    assert "rrdn-aerial" in EXPERTS
     assert v1.provenance()["package"] == "geosr-trained:aerial-fusion-x4-v1"
     assert json.loads((EMBEDDED / INDEX).read_text())["config"]["prior"] == "aerial-x4-v1"  # what it was trained over
 
@@ -146,11 +150,11 @@ def test_committed_mmsr_weights_reproduce_the_stored_output():
     assert diff.max() <= 1 and diff.mean() < 0.05
 
 
-if __name__ == "__main__":  # regenerate a stored slice after retraining: aerial-x4, -x4-v1, -x2, -x2-fast or mmsr
+if __name__ == "__main__":  # regenerate a stored slice after retraining: aerial-x4, -x4-v2, -x4-v1, -x2, -x2-fast, mmsr
     import sys
 
     name = sys.argv[1] if len(sys.argv) > 1 else "aerial-x4"
-    path = {"aerial-x4": SLICE, "aerial-x4-v1": V1_SLICE, "aerial-x2": X2_SLICE, "aerial-x2-fast": X2_FAST_SLICE,
+    path = {"aerial-x4": SLICE, "aerial-x4-v2": V2_SLICE, "aerial-x4-v1": V1_SLICE, "aerial-x2": X2_SLICE, "aerial-x2-fast": X2_FAST_SLICE,
             "mmsr": MMSR_SLICE}[name]
     out = _run(**_settings(name))
     path.parent.mkdir(exist_ok=True)

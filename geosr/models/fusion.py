@@ -2,8 +2,9 @@
 
 The two pretrained ×4 networks available offline fail in opposite ways on aerial imagery (``shared/BENCHMARK.md``):
 RRDN-GAN is faithful on clean inputs but sharpens noise and JPEG blocks; Real-ESRGAN x4plus handles damaged inputs
-but repaints and shifts tones. :class:`FusionNet` looks at the LR input and at both experts' outputs (plus
-bicubic) and predicts, for every output pixel, a convex combination of the three and a small correction::
+but repaints and shifts tones. A third candidate is RRDN-GAN fine-tuned by geosr on degraded aerial crops
+(``rrdn-aerial``, :mod:`geosr.training.expert`). :class:`FusionNet` looks at the LR input and at the experts' outputs
+(plus bicubic) and predicts, for every output pixel, a convex combination of the candidates and a small correction::
 
     out = Σ_k softmax(logits)_k · candidate_k + residual
 
@@ -30,7 +31,9 @@ from .consistency import downscale, limit_chroma
 
 log = logging.getLogger(__name__)
 
-EXPERTS = ("rrdn-gan", "realesrgan-x4plus")  # the default candidates (Stage1Config.experts has the same default)
+# the default's candidates (Stage1Config.experts has the same default): RRDN-GAN as published, Real-ESRGAN x4plus, and
+# RRDN-GAN fine-tuned by geosr on degraded aerial crops (`rrdn-aerial`, geosr.training.expert)
+EXPERTS = ("rrdn-gan", "realesrgan-x4plus", "rrdn-aerial")
 # the candidates of a weights file written before the metadata's "net" recorded them
 LEGACY_EXPERTS = ("rrdn-gan", "realesrgan-x4plus")
 SCALE = 4
@@ -122,7 +125,9 @@ def load_net(path: str | Path) -> FusionNet:
 
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
-WEIGHTS = CHECKPOINTS / "aerial-fusion-x4.safetensors"  # committed: the default, trained with an SSIM-Y term
+WEIGHTS = CHECKPOINTS / "aerial-fusion-x4.safetensors"  # committed: the default (three candidates, SSIM-Y term)
+# committed: the second release (two candidates, the default before this one), kept as `aerial-x4-v2`
+WEIGHTS_V2 = CHECKPOINTS / "aerial-fusion-x4-v2.safetensors"
 # committed: the first release (L1 + 0.5 LPIPS), kept as `aerial-x4-v1` because mmsr-aerial-x4 was trained over it
 WEIGHTS_V1 = CHECKPOINTS / "aerial-fusion-x4-v1.safetensors"
 # committed: the x2 network (its candidates are the experts' outputs at x2), what aerial-x4 runs at --scale 2
@@ -143,8 +148,8 @@ class FusionSR(SRModel):
     # LR-consistency projection strength, chosen per weights file on BENCHMARK.md's crops (MODEL_CARD.md): 0.25 for
     # these weights (0.5 cost 0.012 LPIPS on the real crops and gained 0.004 on the clean ones), 0.5 for v1
     consistency = default_consistency = 0.25
-    description = ("geosr aerial x4 stage 1: RRDN-GAN and Real-ESRGAN x4plus fused per pixel by a network trained "
-                   "by geosr on data/train")
+    description = ("geosr aerial x4 stage 1: RRDN-GAN, RRDN-GAN fine-tuned on aerial imagery (rrdn-aerial) and "
+                   "Real-ESRGAN x4plus fused per pixel by a network trained by geosr on data/train")
 
     def __init__(self, *, device: str = "cpu", path: Path | None = None, name: str | None = None,
                  description: str | None = None, consistency: float | None = None, chroma_factor: int = CHROMA_FACTOR,

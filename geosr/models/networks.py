@@ -100,6 +100,69 @@ class TorchSR(SRModel):
         return self._net(t)
 
 
+class TunedSR(TorchSR):
+    """A converted third-party network fine-tuned by geosr: the registry's weights (``filename``, fetched as for the
+    base model) plus a committed difference (``delta``, written by :func:`geosr.training.expert.tune_expert`)."""
+
+    def __init__(self, *, delta: Path, **kwargs):
+        super().__init__(**kwargs)
+        self.delta = Path(delta)
+
+    def weights_present(self) -> bool:
+        return super().weights_present() and self.delta.is_file()
+
+    def provenance(self) -> dict[str, str]:
+        if not self.weights_present():
+            return {}
+        from .sources import read_provenance, sha256_file
+
+        meta = read_provenance(self.delta)
+        base = super().provenance()
+        return {"package": f"geosr-trained:{self.delta.stem}", "version": f"{meta.get('trained_steps', '?')} steps",
+                "registry": "committed with geosr (fine-tuned here on data/train, see geosr/checkpoints/MODEL_CARD.md)",
+                "member": f"{self.delta.name} + {meta.get('base', '?')} from {base.get('package', '?')} "
+                          f"{base.get('version', '?')}",
+                "sha256": sha256_file(self.delta), "license": base.get("license", "?"),
+                "trained_steps": meta.get("trained_steps", "")}
+
+    def prepare(self) -> None:
+        with self._lock:
+            if self._net is not None:
+                return
+            if not super().weights_present():
+                raise WeightsError(f"model '{self.name}': base weights not found at {self.path}; run 'geosr weights "
+                                   "fetch'")
+            if not self.delta.is_file():
+                raise WeightsError(f"model '{self.name}': its committed weights are missing at {self.delta} "
+                                   "(reinstall geosr)")
+            device = resolve_device(self.device)
+            key = (str(self.delta), device)
+            if key not in _LOADED:
+                _LOADED[key] = self._load(device)
+                log.info("loaded %s: %s + %s on %s", self.name, self.path, self.delta, device)
+            self._net, self._device = _LOADED[key], device
+
+    def _load(self, device: str):
+        import torch
+        from safetensors.torch import load_file
+
+        from ..training.expert import tensors_sha256
+        from .sources import read_provenance
+
+        net = importlib.import_module(self.module).load(self.path, device="cpu")  # its own copy, not the base's
+        state = net.state_dict()
+        want = read_provenance(self.delta).get("base_tensors_sha256")
+        if want != tensors_sha256(state):
+            raise WeightsError(f"model '{self.name}': {self.delta.name} was tuned from other {self.path.name} "
+                               "tensors than the cached ones; delete that file and run 'geosr weights fetch'")
+        delta = load_file(str(self.delta))
+        if set(delta) != set(state) or any(delta[k].shape != state[k].shape for k in state):
+            raise WeightsError(f"model '{self.name}': {self.delta.name} does not match {self.path.name}'s tensors")
+        with torch.no_grad():
+            net.load_state_dict({k: state[k] + delta[k].float() for k in state})
+        return net.to(device).eval()
+
+
 class Waifu2xSR(TorchSR):
     """waifu2x upconv_7 (photo): ×2 in one pass of the ``first`` variant, ×4 in two (``first``, then ``scale``)."""
 

@@ -54,7 +54,7 @@ class Stage1Config:
     snapshot: int = 0  # > 0: also save fusion-STEP.safetensors every that many steps
     seed: int = 0
     # the registry models whose x4 outputs are the candidates (stored with each pair; missing ones are added)
-    experts: tuple[str, ...] = ("rrdn-gan", "realesrgan-x4plus")
+    experts: tuple[str, ...] = ("rrdn-gan", "realesrgan-x4plus", "rrdn-aerial")
 
 
 def _pil_resize(a: np.ndarray, size: int) -> np.ndarray:

@@ -1,0 +1,77 @@
+"""Fine-tuned experts (geosr.training.expert, geosr.models.networks.TunedSR): only the difference from the registry
+weights is written, and it is added back only onto the tensors it was computed against."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from geosr.config import data_dir
+from geosr.errors import WeightsError
+from geosr.models import get_model
+
+TRAIN = data_dir() / "train"
+rrdn_present = get_model("rrdn-gan").weights_present()
+needs_rrdn = pytest.mark.skipif(not rrdn_present, reason="RRDN-GAN weights missing: run `geosr weights fetch`")
+
+
+def _tuned(tmp_path, delta, name="t"):
+    from geosr.models.networks import TunedSR
+
+    base = get_model("rrdn-gan")
+    return TunedSR(name=name, filename=base.filename, module=base.module, delta=delta, receptive_field=20,
+                   default_tile=256, description="test")
+
+
+@needs_rrdn
+@pytest.mark.skipif(not TRAIN.is_dir(), reason=f"training data not found at {TRAIN} (GEOSR_DATA)")
+def test_tune_expert_writes_only_the_difference_and_tunedsr_adds_it_back(tmp_path):
+    from safetensors.torch import load_file
+
+    from geosr.models import tfjs
+    from geosr.training.expert import ExpertConfig, tune_expert
+
+    cfg = ExpertConfig(data=str(TRAIN), steps=2, batch=2, crop=32, pool=4, holdout=2, log_every=1)
+    path = tune_expert(tmp_path / "run", cfg)
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [0, 1, 2] and all(np.isfinite(e["holdout_lpips"]) for e in log)
+    delta = load_file(str(path))
+    base = tfjs.load(get_model("rrdn-gan").path).state_dict()
+    assert set(delta) == set(base) and all(d.dtype == torch.float16 for d in delta.values())
+    moved = sum(float(d.abs().max()) > 0 for d in delta.values())
+    assert moved > len(delta) // 2  # two Adam steps move (almost) every tensor
+    assert max(float(d.abs().max()) for d in delta.values()) < 0.01  # ... by little: it is a difference, not weights
+
+    model = _tuned(tmp_path, path)
+    assert model.weights_present()
+    model.prepare()
+    tuned = model._net.state_dict()
+    for k in base:
+        torch.testing.assert_close(tuned[k], base[k] + delta[k].float(), rtol=0, atol=0)
+    shared = get_model("rrdn-gan")
+    shared.prepare()
+    assert all(torch.equal(shared._net.state_dict()[k], base[k]) for k in base)  # the base network is untouched
+    x = np.random.default_rng(0).random((3, 12, 12), dtype=np.float32)
+    assert model.upscale(x, 4).shape == (3, 48, 48)
+    assert np.abs(model.upscale(x, 4) - shared.upscale(x, 4)).max() > 0
+    prov = model.provenance()
+    assert prov["package"] == "geosr-trained:delta" and prov["version"] == "2 steps"
+    assert "@upscalerjs/models" in prov["member"]
+
+
+@needs_rrdn
+def test_a_difference_computed_on_other_base_tensors_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from geosr.models import tfjs
+
+    state = tfjs.load(get_model("rrdn-gan").path).state_dict()
+    path = tmp_path / "delta.safetensors"
+    save_file({k: torch.zeros_like(v) for k, v in state.items()}, str(path),
+              metadata={"base": "rrdn-gan", "base_tensors_sha256": "0" * 64, "trained_steps": "1"})
+    with pytest.raises(WeightsError, match="other rrdn_gan_x4.safetensors tensors"):
+        _tuned(tmp_path, path).prepare()
+    assert not _tuned(tmp_path, tmp_path / "missing.safetensors").weights_present()
+    with pytest.raises(WeightsError, match="committed weights are missing"):
+        _tuned(tmp_path, tmp_path / "missing.safetensors").prepare()
