@@ -516,8 +516,11 @@ class _StderrHandler(logging.StreamHandler):
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    handler = _StderrHandler()
+    if not args.verbose:  # a third-party library's warnings (e.g. bitsandbytes at import) are not the user's business
+        handler.addFilter(lambda r: r.name.split(".")[0] in ("geosr", "root") or r.levelno >= logging.ERROR)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="geosr: %(message)s",
-                        handlers=[_StderrHandler()])
+                        handlers=[handler])
     if not args.verbose:
         warnings.filterwarnings("ignore", category=UserWarning, module="pyproj")
     warnings.showwarning = lambda message, *a, **k: print(f"geosr: warning: {message}", file=sys.stderr)

@@ -244,3 +244,24 @@ def test_sigterm_stops_and_leaves_nothing_not_even_the_partial_store(data, tmp_p
     assert proc.returncode == 130, err
     assert "nothing was written" in err
     assert _listing(tmp_path) == []
+
+
+def test_third_party_warnings_stay_out_of_the_cli_unless_verbose():
+    import subprocess
+    import sys
+
+    code = ("import logging, sys; from geosr import cli\n"
+            "def cmd(args):\n"
+            "    logging.getLogger('bitsandbytes.backends').warning('third-party noise')\n"
+            "    logging.getLogger('geosr.scene').warning('our warning')\n"
+            "    logging.getLogger('torch').error('third-party error')\n"
+            "    return 0\n"
+            "cli.COMMANDS['models'] = cmd\n"
+            "sys.exit(cli.main(sys.argv[1:]))\n")
+    quiet = subprocess.run([sys.executable, "-c", code, "models"], capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "geosr: our warning" in quiet.stderr and "geosr: third-party error" in quiet.stderr
+    assert "third-party noise" not in quiet.stderr
+    verbose = subprocess.run([sys.executable, "-c", code, "--verbose", "models"], capture_output=True, text=True,
+                             timeout=300)
+    assert "geosr: third-party noise" in verbose.stderr

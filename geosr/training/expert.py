@@ -41,6 +41,7 @@ class ExpertConfig:
     log_every: int = 250
     lr: float = 1e-4  # Adam, cosine down to lr / 10
     lpips_weight: float = 1.0
+    ssim_weight: float = 0.0  # weight of 1 - SSIM-Y (the benchmark's, stage1.ssim_luma)
     seed: int = 11
 
 
@@ -72,7 +73,7 @@ def tune_expert(out: str | Path, cfg: ExpertConfig, progress=None) -> Path:
     from ..models.networks import TorchSR
     from ..scoring.lpips import FILENAME, LPIPS
     from .data import CropSampler
-    from .stage1 import Stage1Config, sample_degradation
+    from .stage1 import Stage1Config, sample_degradation, ssim_luma
 
     base = get_model(cfg.base)
     if not isinstance(base, TorchSR):
@@ -122,6 +123,8 @@ def tune_expert(out: str | Path, cfg: ExpertConfig, progress=None) -> Path:
             l1 = (sr - hr).abs().mean()
             lp = lpips(sr.clamp(-0.1, 1.1) * 2 - 1, hr * 2 - 1).mean()
             loss = l1 + cfg.lpips_weight * lp
+            if cfg.ssim_weight:
+                loss = loss + cfg.ssim_weight * (1 - ssim_luma(sr, hr))
             opt.zero_grad()
             loss.backward()
             opt.step()
