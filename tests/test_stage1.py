@@ -259,3 +259,32 @@ def test_x2_pairs_train_a_x2_network_that_the_x4_model_runs_at_scale_2(tmp_path)
     x4.configure(EnhanceConfig(scale=2, consistency=0.1))
     assert x4.consistency == 0.1  # a strength the user asks for wins
     assert f"; x2: {weights.name} + experts lanczos" in x4.provenance()["member"]
+
+
+def test_the_ssim_weight_can_differ_on_clean_pairs(tmp_path):
+    from safetensors.torch import load_file
+
+    from geosr.training.stage1 import Stage1Config, _load_pairs, ssim_luma, train_fusion
+
+    rng = np.random.default_rng(5)
+    a, b = torch.from_numpy(rng.random((3, 3, 20, 20))), torch.from_numpy(rng.random((3, 3, 20, 20)))
+    per = ssim_luma(a, b, per_sample=True)
+    assert per.shape == (3,) and torch.allclose(per.mean(), ssim_luma(a, b))
+    assert float(per[0]) == pytest.approx(float(ssim_luma(a[:1], b[:1])))
+
+    _write_pairs(tmp_path / "pairs", 4)
+    z = dict(np.load(tmp_path / "pairs" / "00001.npz"))
+    np.savez(tmp_path / "pairs" / "00001.npz", **{**z, "kind": "light"})
+    assert _load_pairs(tmp_path / "pairs", EXPERTS)[3].tolist() == [True, False, True, True]
+    cfg = dict(steps=3, batch=2, train_crop=16, features=8, blocks=1, lpips_weight=0.0, ssim_weight=0.6)
+    runs = []
+    for clean_weight in (None, 0.6, 0.0):
+        folder = tmp_path / str(clean_weight)
+        (folder / "pairs").mkdir(parents=True)
+        for p in (tmp_path / "pairs").glob("*.npz"):
+            (folder / "pairs" / p.name).write_bytes(p.read_bytes())
+        train_fusion(folder, Stage1Config(**cfg, ssim_weight_clean=clean_weight))
+        runs.append(load_file(str(folder / "fusion.safetensors")))
+    # a clean weight equal to the others' trains the same network (up to the order of the mean), another does not
+    assert all(torch.allclose(runs[0][k], runs[1][k], atol=1e-6) for k in runs[0])
+    assert any(not torch.allclose(runs[0][k], runs[2][k]) for k in runs[0])

@@ -3,8 +3,8 @@
 RRDN-GAN (idealo, DIV2K) was never shown noise or JPEG: on damaged aerial inputs it sharpens the blocks
 (``shared/BENCHMARK.md``: LPIPS 0.40 on the ``real`` crops). :func:`tune_expert` continues its training on HR crops
 of ``data/train`` degraded as the stage-1 pairs are (:func:`geosr.training.stage1.sample_degradation`), for
-L1 + ``lpips_weight`` · LPIPS, and writes the tuned tensors *minus* the registry's, in half precision, as a safetensors file. That file
-is useless without the registry package, which is how third-party weights stay out of the repository;
+L1 + ``lpips_weight`` · LPIPS (+ ``ssim_weight`` · (1 − SSIM-Y)), and writes the tuned tensors *minus* the
+registry's, in half precision, as a safetensors file. That file is useless without the registry package, which is how third-party weights stay out of the repository;
 :class:`geosr.models.networks.TunedSR` adds it back at load time, after checking it was computed against the same
 base tensors.
 
@@ -54,7 +54,8 @@ def tensors_sha256(state: dict) -> str:
     return h.hexdigest()
 
 
-def _batch(arrays) -> "torch.Tensor":  # noqa: F821
+def _batch(arrays):
+    """HWC uint8 arrays -> a (B, 3, H, W) float32 batch in [0, 1]."""
     import torch
 
     return torch.from_numpy(np.stack([np.moveaxis(a, -1, 0) for a in arrays])).float() / 255.0
@@ -77,7 +78,7 @@ def tune_expert(out: str | Path, cfg: ExpertConfig, progress=None) -> Path:
 
     base = get_model(cfg.base)
     if not isinstance(base, TorchSR):
-        raise ConfigError(f"--base {cfg.base}: only a converted torch network (TorchSR) can be fine-tuned")
+        raise ConfigError(f"ExpertConfig.base={cfg.base!r}: only a converted torch network (TorchSR) can be fine-tuned")
     base.prepare()
     net = importlib.import_module(base.module).load(base.path)  # a private copy: the shared one stays frozen
     base_state = {k: v.clone() for k, v in net.state_dict().items()}

@@ -46,6 +46,9 @@ class Stage1Config:
     lr: float = 5e-4
     lpips_weight: float = 0.5
     ssim_weight: float = 0.0  # weight of 1 - SSIM of the luma (the benchmark's SSIM-Y: 7x7 window, BT.601)
+    # the SSIM-Y weight on pairs degraded by the clean downscale alone (the network sees the LR, so it can tell them
+    # apart); None: ssim_weight on every pair
+    ssim_weight_clean: float | None = None
     features: int = 64
     blocks: int = 6
     residual: bool = True  # False: the network only mixes the candidates (no correction of its own)
@@ -155,14 +158,15 @@ def pair_experts(z, names) -> np.ndarray:
 def _load_pairs(folder: Path, experts):
     import torch
 
-    hr, lr, ex = [], [], []
+    hr, lr, ex, clean = [], [], [], []
     for p in sorted(folder.glob("[0-9]*[0-9].npz")):  # not the .tmp.npz of an interrupted pair
         z = np.load(p)
         hr.append(np.moveaxis(z["hr"], -1, 0))
         lr.append(np.moveaxis(z["lr"], -1, 0))
         ex.append(pair_experts(z, experts))
+        clean.append(str(z["kind"]) == "clean")
     f = lambda a: torch.from_numpy(np.stack(a)).float() / 255.0  # noqa: E731
-    return f(hr), f(lr), f(ex)
+    return f(hr), f(lr), f(ex), torch.tensor(clean)
 
 
 def train_fusion(out: str | Path, cfg: Stage1Config, progress=None, init: str | Path | None = None) -> Path:
@@ -178,14 +182,14 @@ def train_fusion(out: str | Path, cfg: Stage1Config, progress=None, init: str | 
 
     out = Path(out)
     torch.manual_seed(cfg.seed)
-    hr, lr, ex = _load_pairs(out / "pairs", cfg.experts)
+    hr, lr, ex, clean = _load_pairs(out / "pairs", cfg.experts)
     if not 0 <= cfg.holdout < hr.shape[0]:
         from ..errors import ConfigError
 
         raise ConfigError(f"holdout={cfg.holdout}: must leave pairs to train on ({hr.shape[0]} in {out / 'pairs'})")
     if cfg.holdout:
         held = (hr[-cfg.holdout:], lr[-cfg.holdout:], ex[-cfg.holdout:])
-        hr, lr, ex = hr[:-cfg.holdout], lr[:-cfg.holdout], ex[:-cfg.holdout]
+        hr, lr, ex, clean = hr[:-cfg.holdout], lr[:-cfg.holdout], ex[:-cfg.holdout], clean[:-cfg.holdout]
     net = FusionNet(features=cfg.features, blocks=cfg.blocks, residual=cfg.residual, experts=cfg.experts,
                     scale=cfg.scale)
     done = 0
@@ -219,7 +223,10 @@ def train_fusion(out: str | Path, cfg: Stage1Config, progress=None, init: str | 
         if lpips is not None:
             lp = lpips(pred * 2 - 1, h * 2 - 1).mean()
             loss = loss + cfg.lpips_weight * lp
-        if cfg.ssim_weight:
+        if cfg.ssim_weight_clean is not None:
+            w = torch.where(clean[idx], cfg.ssim_weight_clean, cfg.ssim_weight)
+            loss = loss + (w * (1 - ssim_luma(pred, h, per_sample=True))).mean()
+        elif cfg.ssim_weight:
             loss = loss + cfg.ssim_weight * (1 - ssim_luma(pred, h))
         opt.zero_grad()
         loss.backward()
@@ -243,10 +250,10 @@ def train_fusion(out: str | Path, cfg: Stage1Config, progress=None, init: str | 
     return _save(net, cfg, done + cfg.steps, n, out / "fusion.safetensors")
 
 
-def ssim_luma(a, b, win: int = 7):
+def ssim_luma(a, b, win: int = 7, per_sample: bool = False):
     """Mean SSIM of the BT.601 luma (16-235) of two ``(B, 3, H, W)`` batches in [0, 1], differentiable, as
     ``skimage.metrics.structural_similarity`` computes it by default (uniform ``win``-px window, sample covariance,
-    data range 255, the border of half a window left out): the SSIM-Y of BENCHMARK.md."""
+    data range 255, the border of half a window left out): the SSIM-Y of BENCHMARK.md. ``per_sample``: ``(B,)``."""
     import torch
     import torch.nn.functional as F
 
@@ -258,7 +265,7 @@ def ssim_luma(a, b, win: int = 7):
     va, vb, cov = n * (mean(ya * ya) - ma * ma), n * (mean(yb * yb) - mb * mb), n * (mean(ya * yb) - ma * mb)
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     s = ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma * ma + mb * mb + c1) * (va + vb + c2))
-    return s.mean()
+    return s.mean(dim=(1, 2, 3)) if per_sample else s.mean()
 
 
 def _save(net, cfg: Stage1Config, steps: int, n: int, path: Path) -> Path:
