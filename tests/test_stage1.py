@@ -276,7 +276,8 @@ def test_the_ssim_weight_can_differ_on_clean_pairs(tmp_path):
     z = dict(np.load(tmp_path / "pairs" / "00001.npz"))
     np.savez(tmp_path / "pairs" / "00001.npz", **{**z, "kind": "light"})
     assert _load_pairs(tmp_path / "pairs", EXPERTS)[3].tolist() == [True, False, True, True]
-    cfg = dict(steps=3, batch=2, train_crop=16, features=8, blocks=1, lpips_weight=0.0, ssim_weight=0.6)
+    cfg = {"steps": 3, "batch": 2, "train_crop": 16, "features": 8, "blocks": 1, "lpips_weight": 0.0,
+           "ssim_weight": 0.6}
     runs = []
     for clean_weight in (None, 0.6, 0.0):
         folder = tmp_path / str(clean_weight)
