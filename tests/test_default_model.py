@@ -60,6 +60,11 @@ def test_the_trained_stage1_is_the_default_committed_and_listed(run_cli):
     assert proc.returncode == 0, proc.stderr
     assert next(ln for ln in proc.stdout.splitlines() if ln.startswith("aerial-x4")).endswith("[default]")
     assert "geosr-trained:aerial-fusion-x4" in proc.stdout
+    # its third expert: RRDN-GAN fine-tuned here, committed as a float16 difference from the npm weights
+    tuned = get_model("rrdn-aerial")
+    assert tuned.delta.is_file() and tuned.delta.stat().st_size < 10_000_000
+    if tuned.weights_present():
+        assert "geosr-trained:rrdn-aerial-delta" in proc.stdout
 
 
 @pytest.mark.skipif(not (experts_present and x2_experts_present and FIXTURE.is_file()),
@@ -154,8 +159,8 @@ if __name__ == "__main__":  # regenerate a stored slice after retraining: aerial
     import sys
 
     name = sys.argv[1] if len(sys.argv) > 1 else "aerial-x4"
-    path = {"aerial-x4": SLICE, "aerial-x4-v2": V2_SLICE, "aerial-x4-v1": V1_SLICE, "aerial-x2": X2_SLICE, "aerial-x2-fast": X2_FAST_SLICE,
-            "mmsr": MMSR_SLICE}[name]
+    path = {"aerial-x4": SLICE, "aerial-x4-v2": V2_SLICE, "aerial-x4-v1": V1_SLICE, "aerial-x2": X2_SLICE,
+            "aerial-x2-fast": X2_FAST_SLICE, "mmsr": MMSR_SLICE}[name]
     out = _run(**_settings(name))
     path.parent.mkdir(exist_ok=True)
     np.savez_compressed(path, slice=out[:, 64:128, 64:128], shape=np.array(out.shape))
