@@ -67,14 +67,25 @@ class TorchSR(SRModel):
         with self._lock:
             if self._net is not None:
                 return
-            if not self.weights_present():
-                raise WeightsError(f"model '{self.name}': weights not found at {self.path}; run 'geosr weights fetch'")
+            self._check_weights()
             device = resolve_device(self.device)
-            key = (str(self.path), device)
+            key = (str(self._cache_path), device)
             if key not in _LOADED:
-                _LOADED[key] = importlib.import_module(self.module).load(self.path, device=device)
-                log.info("loaded %s from %s on %s", self.name, self.path, device)
+                _LOADED[key] = self._load(device)
+                log.info("loaded %s from %s on %s", self.name, self._cache_path, device)
             self._net, self._device = _LOADED[key], device
+
+    @property
+    def _cache_path(self) -> Path:
+        """The file that tells this network apart in the per-process cache of loaded networks."""
+        return self.path
+
+    def _check_weights(self) -> None:
+        if not self.path.is_file():
+            raise WeightsError(f"model '{self.name}': weights not found at {self.path}; run 'geosr weights fetch'")
+
+    def _load(self, device: str):
+        return importlib.import_module(self.module).load(self.path, device=device)
 
     def __getstate__(self):
         """Pickled (for process or distributed schedulers) without the network: a worker loads the weights from its
@@ -125,22 +136,15 @@ class TunedSR(TorchSR):
                 "sha256": sha256_file(self.delta), "license": base.get("license", "?"),
                 "trained_steps": meta.get("trained_steps", "")}
 
-    def prepare(self) -> None:
-        with self._lock:
-            if self._net is not None:
-                return
-            if not super().weights_present():
-                raise WeightsError(f"model '{self.name}': base weights not found at {self.path}; run 'geosr weights "
-                                   "fetch'")
-            if not self.delta.is_file():
-                raise WeightsError(f"model '{self.name}': its committed weights are missing at {self.delta} "
-                                   "(reinstall geosr)")
-            device = resolve_device(self.device)
-            key = (str(self.delta), device)
-            if key not in _LOADED:
-                _LOADED[key] = self._load(device)
-                log.info("loaded %s: %s + %s on %s", self.name, self.path, self.delta, device)
-            self._net, self._device = _LOADED[key], device
+    @property
+    def _cache_path(self) -> Path:
+        return self.delta
+
+    def _check_weights(self) -> None:
+        super()._check_weights()  # the base's
+        if not self.delta.is_file():
+            raise WeightsError(f"model '{self.name}': its committed weights are missing at {self.delta} "
+                               "(reinstall geosr)")
 
     def _load(self, device: str):
         import torch

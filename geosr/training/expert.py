@@ -69,7 +69,7 @@ def tune_expert(out: str | Path, cfg: ExpertConfig, progress=None) -> Path:
     from safetensors.torch import save_file
 
     from ..config import weights_dir
-    from ..errors import ConfigError
+    from ..errors import ConfigError, WeightsError
     from ..models import get_model
     from ..models.networks import TorchSR
     from ..scoring.lpips import FILENAME, LPIPS
@@ -79,7 +79,8 @@ def tune_expert(out: str | Path, cfg: ExpertConfig, progress=None) -> Path:
     base = get_model(cfg.base)
     if not isinstance(base, TorchSR):
         raise ConfigError(f"ExpertConfig.base={cfg.base!r}: only a converted torch network (TorchSR) can be fine-tuned")
-    base.prepare()
+    if not base.weights_present():
+        raise WeightsError(f"{cfg.base}: weights not found at {base.path}; run 'geosr weights fetch'")
     net = importlib.import_module(base.module).load(base.path)  # a private copy: the shared one stays frozen
     base_state = {k: v.clone() for k, v in net.state_dict().items()}
     net.requires_grad_(True).train()
