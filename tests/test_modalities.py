@@ -11,6 +11,7 @@ from rasterio.warp import calculate_default_transform, reproject
 
 from geosr.conditioning import canny_edges, heuristic_segmentation
 from geosr.conditioning.base import CannyEdges, Extractor, HeuristicSegmenter, SceneGrid, TileContext
+from geosr.conditioning.segmentation import WATER
 from geosr.config import ModalitiesConfig, cache_dir
 from geosr.errors import ConditionError, GeosrError
 from geosr.modalities import extract_modalities
@@ -485,3 +486,13 @@ def test_learned_backends_run_through_real_transformers_pipelines(data, tmp_path
     report = json.loads(result.files["caption"].read_text())
     assert report["extractors"] == {"edges": "CannyEdges", "segmentation": "TransformersSegmenter",
                                     "depth": "TransformersDepth"}
+
+
+def test_water_needs_blue_above_the_quantisation_not_a_one_dn_tint():
+    """Dark asphalt a DN bluer than grey is not water (it cut roads out of the road mask); dark blue water is."""
+    flat = np.zeros((3, 32, 64))
+    flat[:, :, :32] = np.array([14, 14, 15])[:, None, None] / 255  # tinted asphalt: blue 1 DN over red and green
+    flat[:, :, 32:] = np.array([20, 40, 60])[:, None, None] / 255  # dark blue water
+    labels = heuristic_segmentation(flat)
+    assert (labels[:, 4:28] != WATER).all()
+    assert (labels[:, 36:60] == WATER).all()

@@ -9,7 +9,7 @@ Classes (index: name)::
 
     0 other        none of the rules below
     1 vegetation   NDVI > 0.2 with NIR, else excess green (2G - R - B) / (R + G + B) > 0.05
-    2 water        bluish or NDWI-positive, dark and smooth
+    2 water        bluish (blue over red and green by more than WATER_CHROMA) or NDWI-positive, dark and smooth
     3 shadow       very dark (luma under a tile-relative threshold)
     4 bright       bright and unsaturated: roofs, concrete, bare soil, road markings
 """
@@ -20,6 +20,9 @@ import numpy as np
 
 CLASSES = ("other", "vegetation", "water", "shadow", "bright")
 OTHER, VEGETATION, WATER, SHADOW, BRIGHT = range(len(CLASSES))
+# how much bluer than red and green a pixel must be to be "bluish" (2 DN in 8 bit): near black, hue is noise, and
+# asphalt half a DN bluer than grey would otherwise be water (geosr/checkpoints/MODEL_CARD.md, structure)
+WATER_CHROMA = 2 / 255
 
 
 def _local_std(x: np.ndarray, size: int = 5) -> np.ndarray:
@@ -53,7 +56,7 @@ def heuristic_segmentation(image: np.ndarray, *, nir: np.ndarray | None = None) 
         wet = (g - nir) / (g + nir + 1e-6) > 0.1
     else:
         veg = (2 * g - r - b) / total > 0.05
-        wet = (b > r) & (b > g) & (luma < 0.35)
+        wet = (b - np.maximum(r, g) > WATER_CHROMA) & (luma < 0.35)
     labels[veg & (luma >= dark)] = VEGETATION
     labels[wet & ~veg & (_local_std(luma) < 0.02)] = WATER
     return labels
