@@ -42,6 +42,10 @@ class ExpertConfig:
     lr: float = 1e-4  # Adam, cosine down to lr / 10
     lpips_weight: float = 1.0
     ssim_weight: float = 0.0  # weight of 1 - SSIM-Y (the benchmark's, stage1.ssim_luma)
+    p_clean: float = 0.3  # the degradation mix (stage1.Stage1Config's): clean downscale only,
+    p_light: float = 0.5  # light blur / noise / JPEG, else second-order
+    gan_weight: float = 0.0  # > 0: + that times the non-saturating GAN loss of a patch discriminator trained alongside
+    d_lr: float = 1e-4  # the discriminator's Adam learning rate (constant)
     seed: int = 11
 
 
@@ -85,7 +89,7 @@ def tune_expert(out: str | Path, cfg: ExpertConfig, progress=None) -> Path:
     base_state = {k: v.clone() for k, v in net.state_dict().items()}
     net.requires_grad_(True).train()
     lpips = LPIPS.from_file(weights_dir() / FILENAME)
-    degradations = Stage1Config(scale=4)
+    degradations = Stage1Config(scale=4, p_clean=cfg.p_clean, p_light=cfg.p_light)
 
     sampler = CropSampler(cfg.data, crop=cfg.crop, seed=cfg.seed)
     crops = [sampler.sample_uint8() for _ in range(cfg.pool + cfg.holdout)]
@@ -109,6 +113,12 @@ def tune_expert(out: str | Path, cfg: ExpertConfig, progress=None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps, eta_min=cfg.lr * 0.1)
+    if cfg.gan_weight:
+        from .adversarial import discriminator_loss, generator_loss, patch_discriminator
+
+        torch.manual_seed(cfg.seed)
+        disc = patch_discriminator().train()
+        d_opt = torch.optim.Adam(disc.parameters(), lr=cfg.d_lr, betas=(0.9, 0.99))
     with open(folder / "train_log.jsonl", "w") as logfile:
         logfile.write(json.dumps({"step": 0, **evaluate()}) + "\n")
         for step in range(1, cfg.steps + 1):
@@ -127,12 +137,25 @@ def tune_expert(out: str | Path, cfg: ExpertConfig, progress=None) -> Path:
             loss = l1 + cfg.lpips_weight * lp
             if cfg.ssim_weight:
                 loss = loss + cfg.ssim_weight * (1 - ssim_luma(sr, hr))
+            extra = {}
+            if cfg.gan_weight:
+                disc.requires_grad_(False)
+                g_adv = generator_loss(disc(sr))
+                loss = loss + cfg.gan_weight * g_adv
+                extra["g_adv"] = float(g_adv.detach())
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
+            if cfg.gan_weight:
+                disc.requires_grad_(True)
+                d_loss = discriminator_loss(disc(hr), disc(sr.detach()))
+                d_opt.zero_grad()
+                d_loss.backward()
+                d_opt.step()
+                extra["d_loss"] = float(d_loss.detach())
             if step % cfg.log_every == 0 or step == cfg.steps:
-                entry = {"step": step, "l1": float(l1.detach()), "lpips": float(lp.detach()), **evaluate()}
+                entry = {"step": step, "l1": float(l1.detach()), "lpips": float(lp.detach()), **extra, **evaluate()}
                 logfile.write(json.dumps(entry) + "\n")
                 logfile.flush()
                 log.info("expert step %d/%d %s", step, cfg.steps, entry)
