@@ -98,6 +98,7 @@ def test_patch_discriminator_learns_to_tell_its_two_inputs_apart():
 @needs_rrdn
 @pytest.mark.skipif(not TRAIN.is_dir(), reason=f"training data not found at {TRAIN} (GEOSR_DATA)")
 def test_tune_expert_with_a_discriminator_logs_both_players(tmp_path):
+    from geosr.models.sources import read_provenance
     from geosr.training.expert import ExpertConfig, tune_expert
 
     cfg = ExpertConfig(data=str(TRAIN), steps=2, batch=2, crop=32, pool=4, holdout=2, log_every=1, gan_weight=0.1,
@@ -106,7 +107,5 @@ def test_tune_expert_with_a_discriminator_logs_both_players(tmp_path):
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == [0, 1, 2]
     assert all(np.isfinite(e["g_adv"]) and 0 < e["d_loss"] < 10 for e in log[1:])
-    from geosr.models.sources import read_provenance
-
     recorded = json.loads(read_provenance(path)["config"])  # the recipe travels with the difference
     assert (recorded["gan_weight"], recorded["p_clean"]) == (0.1, 1.0)
