@@ -2,8 +2,9 @@
 
 RRDN-GAN (idealo, DIV2K) was never shown noise or JPEG: on damaged aerial inputs it sharpens the blocks
 (``shared/BENCHMARK.md``: LPIPS 0.40 on the ``real`` crops). :func:`tune_expert` continues its training on HR crops
-of ``data/train`` degraded as the stage-1 pairs are (:func:`geosr.training.stage1.sample_degradation`), for
-L1 + ``lpips_weight`` · LPIPS (+ ``ssim_weight`` · (1 − SSIM-Y)), and writes the tuned tensors *minus* the
+of ``data/train`` degraded as the stage-1 pairs are (:func:`geosr.training.stage1.sample_degradation`, in the mix
+``p_clean`` / ``p_light``), for L1 + ``lpips_weight`` · LPIPS (+ ``ssim_weight`` · (1 − SSIM-Y), + ``gan_weight`` ·
+the GAN loss of :mod:`geosr.training.adversarial`'s patch discriminator), and writes the tuned tensors *minus* the
 registry's, in half precision, as a safetensors file. That file is useless without the registry package, which is
 how third-party weights stay out of the repository; :class:`geosr.models.networks.TunedSR` adds it back at load
 time, after checking it was computed against the same base tensors.
