@@ -67,6 +67,25 @@ def test_the_trained_stage1_is_the_default_committed_and_listed(run_cli):
         assert "geosr-trained:rrdn-aerial-delta" in proc.stdout
 
 
+def test_the_clean_imagery_expert_is_committed_small_in_int8_and_tuned_on_clean_pairs(run_cli):
+    import json
+
+    from safetensors import safe_open
+
+    model = get_model("rrdn-aerial-clean")
+    assert model.delta.is_file() and model.delta.stat().st_size < 5_000_000  # int8: half of rrdn-aerial's file
+    with safe_open(str(model.delta), framework="pt") as f:
+        meta, keys = f.metadata(), set(f.keys())
+        assert {str(f.get_slice(k).get_dtype()) for k in keys} == {"I8"}
+    scales = json.loads(meta["int8_scales"])
+    assert set(scales) == keys and all(0 < v < 1 for v in scales.values())  # one scale per tensor
+    recipe = json.loads(meta["config"])
+    assert (recipe["p_clean"], recipe["p_light"], recipe["base"]) == (1.0, 0.0, "rrdn-gan")
+    if model.weights_present():
+        proc = run_cli("models")
+        assert proc.returncode == 0 and "geosr-trained:rrdn-aerial-clean-delta" in proc.stdout
+
+
 @pytest.mark.skipif(not (experts_present and x2_experts_present and FIXTURE.is_file()),
                     reason="expert weights or the fixture missing")
 def test_the_default_runs_x2_with_its_x2_network_and_v1_brings_its_x4_down():

@@ -109,3 +109,30 @@ def test_tune_expert_with_a_discriminator_logs_both_players(tmp_path):
     assert all(np.isfinite(e["g_adv"]) and 0 < e["d_loss"] < 10 for e in log[1:])
     recorded = json.loads(read_provenance(path)["config"])  # the recipe travels with the difference
     assert (recorded["gan_weight"], recorded["p_clean"]) == (0.1, 1.0)
+
+
+@needs_rrdn
+def test_an_int8_difference_is_added_back_with_its_scales(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from geosr.models import tfjs
+    from geosr.models.sources import read_provenance
+    from geosr.training.expert import quantize_delta, tensors_sha256
+
+    base = tfjs.load(get_model("rrdn-gan").path).state_dict()
+    rng = torch.Generator().manual_seed(0)
+    delta = {k: (torch.randn(v.shape, generator=rng) * 1e-3).half() for k, v in base.items()}
+    src = tmp_path / "delta.safetensors"
+    save_file(delta, str(src), metadata={"base": "rrdn-gan", "base_tensors_sha256": tensors_sha256(base)})
+    q = quantize_delta(src, tmp_path / "q8.safetensors")
+    assert q.stat().st_size < 0.6 * src.stat().st_size
+    model = _tuned(tmp_path, q)
+    model.prepare()
+    tuned = model._net.state_dict()
+    for k in base:  # within half a quantisation step of the float16 difference
+        step = float(delta[k].float().abs().max()) / 127
+        assert float((tuned[k] - base[k] - delta[k].float()).abs().max()) <= 0.5 * step + 1e-6
+    meta = {k: v for k, v in read_provenance(q).items() if k != "int8_scales"}
+    save_file(load_file(str(q)), str(tmp_path / "bad.safetensors"), metadata=meta)  # the scales lost
+    with pytest.raises(WeightsError, match="without their scales"):
+        _tuned(tmp_path, tmp_path / "bad.safetensors").prepare()

@@ -41,6 +41,14 @@ def _registry(device: str) -> dict[str, SRModel]:
             description="RRDN-GAN fine-tuned by geosr on data/train's aerial crops with blur, noise and JPEG (a committed "
                         "difference from the npm weights): cleaner than RRDN-GAN on damaged inputs, softer on clean "
                         "ones; a candidate of aerial-x4"),
+        "rrdn-aerial-clean": TunedSR(
+            name="rrdn-aerial-clean", filename="rrdn_gan_x4.safetensors", module="geosr.models.tfjs",
+            delta=CHECKPOINTS / "rrdn-aerial-clean-delta.safetensors", receptive_field=20, default_tile=256,
+            device=device, consistency=RRDN_AERIAL_CONSISTENCY,
+            description="RRDN-GAN fine-tuned by geosr on data/train's aerial crops downscaled without damage (a "
+                        "committed int8 difference from the npm weights): on clean imagery sharper than aerial-x4 "
+                        "(LPIPS) and better than RRDN-GAN on every measure; on noisy or compressed imagery it "
+                        "sharpens the damage"),
         "realesrgan-x4plus": TorchSR(
             name="realesrgan-x4plus", filename="realesrgan_x4plus.safetensors", module="geosr.models.ncnn",
             receptive_field=48, default_tile=384, device=device,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import threading
 from pathlib import Path
@@ -162,8 +163,11 @@ class TunedSR(TorchSR):
         delta = load_file(str(self.delta))
         if set(delta) != set(state) or any(delta[k].shape != state[k].shape for k in state):
             raise WeightsError(f"model '{self.name}': {self.delta.name} does not match {self.path.name}'s tensors")
+        scales = json.loads(read_provenance(self.delta).get("int8_scales", "{}"))  # training.expert.quantize_delta
+        if any(delta[k].dtype == torch.int8 and k not in scales for k in delta):
+            raise WeightsError(f"model '{self.name}': {self.delta.name} holds int8 tensors without their scales")
         with torch.no_grad():
-            net.load_state_dict({k: state[k] + delta[k].float() for k in state})
+            net.load_state_dict({k: state[k] + delta[k].float() * scales.get(k, 1.0) for k in state})
         return net.to(device).eval()
 
 

@@ -173,3 +173,25 @@ def tune_expert(out: str | Path, cfg: ExpertConfig, progress=None) -> Path:
     save_file(delta, str(tmp), metadata=meta)
     tmp.replace(path)
     return path
+
+
+def quantize_delta(src: str | Path, dst: str | Path) -> Path:
+    """A difference written by :func:`tune_expert` -> the same in int8, one symmetric scale per tensor (half the size
+    of float16; the scales travel in the metadata as ``int8_scales``, which :class:`TunedSR` reads)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from ..models.sources import read_provenance
+
+    meta = read_provenance(Path(src))
+    quantized, scales = {}, {}
+    for k, v in load_file(str(src)).items():
+        v = v.float()
+        scale = float(v.abs().max()) / 127 or 1.0
+        quantized[k] = torch.round(v / scale).clamp(-127, 127).to(torch.int8).contiguous()
+        scales[k] = scale
+    path = Path(dst)
+    tmp = path.with_suffix(".part")
+    save_file(quantized, str(tmp), metadata={**meta, "int8_scales": json.dumps(scales)})
+    tmp.replace(path)
+    return path
