@@ -114,7 +114,8 @@ class TorchSR(SRModel):
 
 class TunedSR(TorchSR):
     """A converted third-party network fine-tuned by geosr: the registry's weights (``filename``, fetched as for the
-    base model) plus a committed difference (``delta``, written by :func:`geosr.training.expert.tune_expert`)."""
+    base model) plus a committed difference (``delta``, written by :func:`geosr.training.expert.tune_expert` in
+    float16, or by :func:`geosr.training.expert.quantize_delta` in int8 with one scale per tensor)."""
 
     def __init__(self, *, delta: Path, **kwargs):
         super().__init__(**kwargs)

@@ -43,8 +43,8 @@ class ExpertConfig:
     lr: float = 1e-4  # Adam, cosine down to lr / 10
     lpips_weight: float = 1.0
     ssim_weight: float = 0.0  # weight of 1 - SSIM-Y (the benchmark's, stage1.ssim_luma)
-    p_clean: float = 0.3  # the degradation mix (stage1.Stage1Config's): clean downscale only,
-    p_light: float = 0.5  # light blur / noise / JPEG, else second-order
+    p_clean: float = 0.3  # share of pairs that are the clean downscale alone (stage1.Stage1Config's mix)
+    p_light: float = 0.5  # share with light blur / noise / JPEG; the rest are second-order
     gan_weight: float = 0.0  # > 0: + that times the non-saturating GAN loss of a patch discriminator trained alongside
     d_lr: float = 1e-4  # the discriminator's Adam learning rate (constant)
     seed: int = 11
@@ -177,7 +177,8 @@ def tune_expert(out: str | Path, cfg: ExpertConfig, progress=None) -> Path:
 
 def quantize_delta(src: str | Path, dst: str | Path) -> Path:
     """A difference written by :func:`tune_expert` -> the same in int8, one symmetric scale per tensor (half the size
-    of float16; the scales travel in the metadata as ``int8_scales``, which :class:`TunedSR` reads)."""
+    of float16; the scales travel in the metadata as ``int8_scales``, which
+    :class:`geosr.models.networks.TunedSR` reads)."""
     import torch
     from safetensors.torch import load_file, save_file
 
