@@ -84,6 +84,9 @@ def test_the_clean_imagery_expert_is_committed_small_in_int8_and_tuned_on_clean_
     if model.weights_present():
         proc = run_cli("models")
         assert proc.returncode == 0 and "geosr-trained:rrdn-aerial-clean-delta" in proc.stdout
+        x = _input().astype(np.float32)[:, :16, :16] / 255  # loads onto the cached npm tensors (hash checked)
+        tuned, base = model.upscale(x, 4), get_model("rrdn-gan").upscale(x, 4)
+        assert tuned.shape == (3, 64, 64) and 0 < np.abs(tuned - base).mean() < 0.05  # tuned: moved, not replaced
 
 
 @pytest.mark.skipif(not (experts_present and x2_experts_present and FIXTURE.is_file()),
