@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from .config import EnhanceConfig, data_dir
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 SCALE = 4
+DEGRADATIONS = ("clean", "real", "noisy")  # the protocol's two, then noisy (outside it; see degrade)
 CROP = 512
 # (scene file, (row, col)); the index in this list seeds the noise of the `real` degradation
 CROPS = (
@@ -92,14 +94,15 @@ def _resize(img: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 
 def degrade(hr: np.ndarray, kind: str, index: int) -> np.ndarray:
     """The LR input for an HR crop (128x128 for the protocol's; any ``(H, W)`` gives ``(H/4, W/4)``): ``clean`` or
-    ``real`` (blur, downscale, noise, JPEG 70)."""
+    ``real`` (blur, downscale, noise, JPEG 70); outside the protocol, ``noisy`` is ``real`` without its JPEG (damage
+    that the default's choice of network, by compression, does not see)."""
     from PIL import Image
 
     size = (hr.shape[0] // SCALE, hr.shape[1] // SCALE)
     if kind == "clean":
         return _resize(hr, size)
-    if kind != "real":
-        raise ValueError(f"unknown degradation {kind!r}")
+    if kind not in DEGRADATIONS:
+        raise ConfigError(f"unknown degradation {kind!r}")
     from PIL import ImageFilter
 
     # Pillow's GaussianBlur radius is the standard deviation; with it all three anchors of BENCHMARK.md reproduce
@@ -108,6 +111,8 @@ def degrade(hr: np.ndarray, kind: str, index: int) -> np.ndarray:
     lr = _resize(blurred, size).astype(np.float64)
     lr = lr + np.random.default_rng(index).normal(0.0, 3.0, lr.shape)
     lr = np.clip(np.round(lr), 0, 255).astype(np.uint8)
+    if kind == "noisy":
+        return lr
     buf = io.BytesIO()
     Image.fromarray(lr).save(buf, format="JPEG", quality=70)
     return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
@@ -152,6 +157,9 @@ def run_bench(methods=None, degradations=("clean", "real"), *, lpips: bool = Tru
     """Score ``methods`` (model names) and ``variants`` (label -> EnhanceConfig) on the protocol's crops."""
     from .models import get_model
 
+    unknown = [k for k in degradations if k not in DEGRADATIONS]
+    if unknown:
+        raise ConfigError(f"unknown degradation {unknown[0]!r}: choose among {', '.join(DEGRADATIONS)}")
     configs = {m: method_config(m) for m in (methods or ([] if variants else DEFAULT_METHODS))}
     configs.update(variants or {})
     methods = list(configs)

@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="the quality protocol of BENCHMARK.md, anchors in the same run")
     p.add_argument("--methods", default=None, help="comma-separated models; 'default' is what a plain `geosr enhance` runs (default: "
                         "bicubic,rrdn-gan,realesrgan-x4plus as published, and default)")
-    p.add_argument("--degradations", default="clean,real", help="clean, real or both")
+    p.add_argument("--degradations", default="clean,real",
+                   help="clean, real or both (comma-separated); noisy (real without its JPEG) is outside the protocol")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
     p.add_argument("--consistency", type=float, default=None, metavar="S",

@@ -45,7 +45,7 @@ from .io.read import Scene
 from .models.base import SRModel
 from .errors import ConfigError
 from .scene import (Cancelled, Progress, TileResult, TileRun, blend_cell, enhance_tile, finish_cell, output_tags,
-                    prepare_run, scene_overview)
+                    prepare_run, scene_overview, scene_sample)
 from .tiling import TileGrid, output_transform
 
 log = logging.getLogger(__name__)
@@ -256,7 +256,7 @@ def enhance_lazy(scene: Scene, config: EnhanceConfig | None = None, *, model: SR
     grid = run.grid
     pixels = _input_array(scene)
     token = tokenize(pixels.name, scene.bands, scene.nodata, scene.scaling, config.to_dict(), run.model.name,
-                     getattr(run.model, "caption", ""))
+                     getattr(run.model, "caption", ""), getattr(run.model, "route", ""))
     task_run = TileRun.create(scene.detached(), run.model, grid, run.edge)
     name = f"geosr-enhance-{token}"
     run_key, tile_name, piece_name = f"geosr-run-{token}", f"geosr-tile-{token}", f"geosr-piece-{token}"
@@ -265,7 +265,7 @@ def enhance_lazy(scene: Scene, config: EnhanceConfig | None = None, *, model: SR
         from .worker import remote_run_task
 
         gsd = float(np.mean(scene.gsd)) / config.scale if scene.georeferenced else None
-        dsk[run_key] = remote_run_task(token, task_run, scene_overview(scene), gsd, config)
+        dsk[run_key] = remote_run_task(token, task_run, scene_overview(scene), gsd, config, scene_sample(scene))
 
     hooks = pass_key = None
     if progress or should_stop is not None:

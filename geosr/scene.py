@@ -380,12 +380,31 @@ def scene_overview(scene: Scene) -> np.ndarray:
     return _scaled(scene, scene.read_decimated(f))[0]
 
 
+SAMPLE_SIDE = 256  # px per side of each full-resolution window of scene_sample
+
+
+def scene_sample(scene: Scene) -> np.ndarray:
+    """Full-resolution windows of the scene, scaled to the model's range, side by side ``(C, h, w)``: the whole scene
+    when it is small, else five windows of ``SAMPLE_SIDE`` (the centre and the centres of the quarters). Windows
+    start on multiples of 8 px, so an 8x8 block grid (JPEG's) keeps one phase across them."""
+    side = SAMPLE_SIDE
+    if scene.height <= 2 * side and scene.width <= 2 * side:
+        return _scaled(scene, scene.read(np.arange(scene.height), np.arange(scene.width)))[0]
+    hs, ws = min(side, scene.height), min(side, scene.width)
+    parts = []
+    for fy, fx in ((0.5, 0.5), (0.25, 0.25), (0.25, 0.75), (0.75, 0.25), (0.75, 0.75)):
+        y0 = max(0, min(int(fy * scene.height - hs / 2), scene.height - hs)) // 8 * 8
+        x0 = max(0, min(int(fx * scene.width - ws / 2), scene.width - ws)) // 8 * 8
+        parts.append(_scaled(scene, scene.read(np.arange(y0, y0 + hs), np.arange(x0, x0 + ws)))[0])
+    return np.concatenate(parts, axis=2)
+
+
 def _start(model: SRModel, scene: Scene, config: EnhanceConfig) -> None:
     """Per-run model setup after planning: weights, threads, the scene-level hook."""
     model.prepare()
     _set_threads(config)
     gsd = float(np.mean(scene.gsd)) * 1.0 / config.scale if scene.georeferenced else None
-    model.begin_scene(scene_overview(scene), gsd=gsd, grid=scene_grid(scene))
+    model.begin_scene(scene_overview(scene), gsd=gsd, grid=scene_grid(scene), sample=scene_sample(scene))
 
 
 def prepare_run(scene: Scene, config: EnhanceConfig, model: SRModel | None = None, *,
@@ -425,6 +444,7 @@ def output_tags(model: SRModel, config: EnhanceConfig, src: Path | None) -> dict
         "GEOSR_PARAMETERS": json.dumps(params, sort_keys=True),
         "GEOSR_INPUT": src.name if src is not None else "",
         **({"GEOSR_CAPTION": model.caption} if getattr(model, "caption", "") else {}),
+        **({"GEOSR_ROUTE": model.route_note} if getattr(model, "route_note", "") else {}),
         **({"GEOSR_CONDITIONS": json.dumps(model.condition_sources, sort_keys=True)}
            if getattr(model, "condition_sources", None) else {}),
     }

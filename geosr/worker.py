@@ -47,6 +47,7 @@ class RunSpec:
     config: EnhanceConfig
     overview: np.ndarray  # (C, h, w) the scene overview the client's model got in begin_scene
     gsd: float | None
+    sample: np.ndarray | None = None  # (C, h, w) the full-resolution windows it got (geosr.scene.scene_sample)
 
 
 class RunRef:
@@ -83,7 +84,7 @@ def build_run(spec: RunSpec) -> TileRun:
         shared.configure(spec.config)
         shared.prepare()
         model = copy.copy(shared)  # this run's settings and scene state; weights shared
-        model.begin_scene(spec.overview, gsd=spec.gsd, grid=scene_grid(spec.scene))
+        model.begin_scene(spec.overview, gsd=spec.gsd, grid=scene_grid(spec.scene), sample=spec.sample)
         scene = spec.scene
         run = TileRun(scene=scene, model=model, grid=spec.grid, edge=spec.edge, groups=band_groups(model, scene.alpha),
                       has_nodata=scene.nodata is not None or np.dtype(scene.dtype).kind == "f")
@@ -95,10 +96,12 @@ def build_run(spec: RunSpec) -> TileRun:
         return run
 
 
-def remote_run_task(token: str, run: TileRun, overview: np.ndarray, gsd: float | None, config: EnhanceConfig):
+def remote_run_task(token: str, run: TileRun, overview: np.ndarray, gsd: float | None, config: EnhanceConfig,
+                    sample: np.ndarray | None = None):
     """The graph task that stands for ``run`` on workers: ``(RunRef, RunSpec)``."""
     spec = RunSpec(token=token, scene=run.scene, grid=run.grid, edge=run.edge, config=config,
-                   overview=np.ascontiguousarray(overview, dtype=np.float32), gsd=gsd)
+                   overview=np.ascontiguousarray(overview, dtype=np.float32), gsd=gsd,
+                   sample=None if sample is None else np.ascontiguousarray(sample, dtype=np.float32))
     return (RunRef, spec)
 
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from geosr import bench
+from geosr.errors import ConfigError
 
 ANCHORS = {  # (degradation, method): (PSNR-Y, SSIM-Y, LRC) from shared/BENCHMARK.md
     ("clean", "bicubic"): (27.28, 0.7359, 37.52),
@@ -31,6 +32,16 @@ def test_crops_and_degradations(data):
     assert lr_clean.shape == lr_real.shape == (128, 128, 3)
     assert 25 < bench.psnr(lr_clean, lr_real) < 40  # blur + noise + JPEG really degrade
     np.testing.assert_array_equal(lr_real, bench.degrade(crops[0], "real", 0))  # seeded
+    # outside the protocol: `real` without its JPEG, which the default's choice of network does not see
+    from geosr.models.compression import JPEG_THRESHOLD, jpeg_evidence
+
+    lr_noisy = bench.degrade(crops[0], "noisy", 0)
+    chw = lambda a: np.moveaxis(a, -1, 0) / 255.0  # noqa: E731
+    assert jpeg_evidence(chw(lr_real)) > JPEG_THRESHOLD > jpeg_evidence(chw(lr_noisy))
+    assert jpeg_evidence(chw(lr_clean)) < JPEG_THRESHOLD
+    assert 25 < bench.psnr(lr_noisy, lr_real) < 40 and 30 < bench.psnr(lr_clean, lr_noisy) < 40
+    with pytest.raises(ConfigError, match="unknown degradation 'blurry'"):
+        bench.run_bench(methods=["bicubic"], degradations=["blurry"])
 
 
 def test_bicubic_reproduces_anchor(data):

@@ -1,5 +1,7 @@
-"""What a plain run uses (issue 6, so far): geosr's trained stage 1 (aerial-x4) with the LR-consistency projection;
-it is committed, shows its provenance, and its weights reproduce a stored output. RRDN-GAN projects by default too."""
+"""What a plain run uses (issue 6, so far): aerial-x4, which runs geosr's trained stage 1 (aerial-x4-fusion) on
+JPEG-compressed imagery and RRDN-GAN tuned on clean aerial downscales (rrdn-aerial-clean) on the rest, each with its
+LR-consistency projection; both are committed, show their provenance, and reproduce stored outputs. RRDN-GAN projects
+by default too."""
 
 from pathlib import Path
 
@@ -13,6 +15,8 @@ from geosr.models.fusion import EXPERTS, WEIGHTS
 
 HERE = Path(__file__).resolve().parent
 SLICE = HERE / "data" / "aerial_x4_slice.npz"  # written by `python tests/test_default_model.py aerial-x4`
+# the default on input without JPEG (its clean route): `python tests/test_default_model.py aerial-x4-clean`
+CLEAN_SLICE = HERE / "data" / "aerial_x4_clean_slice.npz"
 V2_SLICE = HERE / "data" / "aerial_x4_v2_slice.npz"  # `python tests/test_default_model.py aerial-x4-v2`
 V1_SLICE = HERE / "data" / "aerial_x4_v1_slice.npz"  # `python tests/test_default_model.py aerial-x4-v1`
 X2_SLICE = HERE / "data" / "aerial_x2_slice.npz"  # `python tests/test_default_model.py aerial-x2`
@@ -23,22 +27,28 @@ experts_present = all(get_model(name).weights_present() for name in EXPERTS)
 x2_experts_present = all(get_model(name).weights_present() for name in get_model("aerial-x2").experts)
 
 
-def _input() -> np.ndarray:
+def _input(clean: bool = False) -> np.ndarray:
+    """(3, 48, 48) uint8 from the JPEG-compressed fixture; ``clean``: a 96 px window brought down by 2 (antialiased
+    bicubic), which leaves no trace of JPEG's grid."""
     import rasterio
+    from PIL import Image
     from rasterio.windows import Window
 
     with rasterio.open(FIXTURE) as src:
-        return src.read(window=Window(40, 30, 48, 48))  # (3, 48, 48) uint8
+        if not clean:
+            return src.read(window=Window(40, 30, 48, 48))
+        window = np.moveaxis(src.read(window=Window(40, 12, 96, 96)), 0, -1)
+    return np.moveaxis(np.asarray(Image.fromarray(window).resize((48, 48), Image.BICUBIC)), -1, 0)
 
 
 def _settings(name: str | None) -> dict:
     return {"model": name, "scale": 2} if name and name.startswith("aerial-x2") else {"model": name} if name else {}
 
 
-def _run(**settings) -> np.ndarray:
+def _run(clean: bool = False, **settings) -> np.ndarray:
     from geosr.scene import enhance_array
 
-    return enhance_array(_input(), EnhanceConfig(**{"scale": 4, "threads": 2, **settings}))
+    return enhance_array(_input(clean), EnhanceConfig(**{"scale": 4, "threads": 2, **settings}))
 
 
 @pytest.mark.skipif(not (get_model("rrdn-gan").weights_present() and FIXTURE.is_file()),
@@ -51,20 +61,30 @@ def test_rrdn_gan_projects_onto_its_input_and_can_run_as_published():
     assert np.abs(plain.astype(int) - raw.astype(int)).mean() < 3  # a correction, not another image
 
 
-def test_the_trained_stage1_is_the_default_committed_and_listed(run_cli):
-    assert DEFAULT_MODEL == "aerial-x4" and get_model().name == "aerial-x4"
+def test_the_default_chooses_between_two_trained_networks_committed_and_listed(run_cli):
+    from geosr.models.routed import CLEAN, COMPRESSED
+
+    default = get_model()
+    assert DEFAULT_MODEL == "aerial-x4" and default.name == "aerial-x4"
+    assert default.routes[CLEAN] is get_model("rrdn-aerial-clean")
+    assert default.routes[COMPRESSED] is get_model("aerial-x4-fusion")
     assert WEIGHTS.is_file() and WEIGHTS.stat().st_size < 5_000_000
-    prov = get_model("aerial-x4").provenance()
+    prov = get_model("aerial-x4-fusion").provenance()
     assert "committed with geosr" in prov["registry"] and int(prov["trained_steps"]) > 0
     proc = run_cli("models")
     assert proc.returncode == 0, proc.stderr
-    assert next(ln for ln in proc.stdout.splitlines() if ln.startswith("aerial-x4")).endswith("[default]")
+    assert next(ln for ln in proc.stdout.splitlines() if ln.startswith("aerial-x4 ")).endswith("[default]")
     assert "geosr-trained:aerial-fusion-x4" in proc.stdout
-    # its third expert: RRDN-GAN fine-tuned here, committed as a float16 difference from the npm weights
+    # the fusion's third expert: RRDN-GAN fine-tuned here, committed as a float16 difference from the npm weights
     tuned = get_model("rrdn-aerial")
     assert tuned.delta.is_file() and tuned.delta.stat().st_size < 10_000_000
     if tuned.weights_present():
         assert "geosr-trained:rrdn-aerial-delta" in proc.stdout
+    if default.weights_present():  # the default's provenance names both networks and their files
+        member = default.provenance()["member"]
+        assert "clean input: rrdn-aerial-clean = rrdn-aerial-clean-delta.safetensors" in member
+        assert "compressed input: aerial-x4-fusion = aerial-fusion-x4.safetensors" in member
+        assert "geosr-trained:rrdn-aerial-clean-delta+aerial-fusion-x4==" in proc.stdout
 
 
 def test_the_clean_imagery_expert_is_committed_small_in_int8_and_tuned_on_clean_pairs(run_cli):
@@ -87,6 +107,18 @@ def test_the_clean_imagery_expert_is_committed_small_in_int8_and_tuned_on_clean_
         x = _input().astype(np.float32)[:, :16, :16] / 255  # loads onto the cached npm tensors (hash checked)
         tuned, base = model.upscale(x, 4), get_model("rrdn-gan").upscale(x, 4)
         assert tuned.shape == (3, 64, 64) and 0 < np.abs(tuned - base).mean() < 0.05  # tuned: moved, not replaced
+        # its colour detail is kept to the LR grid (as the fusion's): the same network without that, then limited
+        from copy import copy
+
+        from geosr.models.consistency import limit_chroma
+
+        plain = copy(model)
+        plain.chroma_factor = 1
+        raw = plain.upscale(x, 4)
+        assert model.chroma_factor == 4 and np.abs(raw - tuned).max() > 1e-3
+        np.testing.assert_allclose(tuned, limit_chroma(raw, 4), atol=1e-6)
+        grey = np.repeat(x[:1], 3, axis=0)  # a grey tile keeps what the network made
+        np.testing.assert_array_equal(model.upscale(grey, 4), plain.upscale(grey, 4))
 
 
 @pytest.mark.skipif(not (experts_present and x2_experts_present and FIXTURE.is_file()),
@@ -118,18 +150,41 @@ def test_the_default_runs_x2_with_its_x2_network_and_v1_brings_its_x4_down():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (experts_present and FIXTURE.is_file()), reason="expert weights or the fixture missing")
-@pytest.mark.parametrize("name, path", [(None, SLICE), ("aerial-x4-v2", V2_SLICE), ("aerial-x4-v1", V1_SLICE),
-                                        ("aerial-x2", X2_SLICE),
-                                        ("aerial-x2-fast", X2_FAST_SLICE)])
+@pytest.mark.parametrize("name, path", [(None, SLICE), ("aerial-x4-fusion", SLICE), ("aerial-x4-clean", CLEAN_SLICE),
+                                        ("aerial-x4-v2", V2_SLICE), ("aerial-x4-v1", V1_SLICE),
+                                        ("aerial-x2", X2_SLICE), ("aerial-x2-fast", X2_FAST_SLICE)])
 def test_committed_stage1_weights_reproduce_the_stored_output(name, path):
-    if not get_model(name).weights_present():  # the x2 networks' waifu2x experts too
-        pytest.skip(f"{get_model(name).name}: expert weights missing (geosr weights fetch)")
+    if not get_model(_model_name(name)).weights_present():  # the x2 networks' waifu2x experts too
+        pytest.skip(f"{get_model(_model_name(name)).name}: expert weights missing (geosr weights fetch)")
     stored = np.load(path)
-    out = _run(**_settings(name))  # the default model (or v1, or the x2 network) with its own settings
+    out = _slice_run(name)  # the default model (or v1, or the x2 network) with its own settings
     assert out.shape == tuple(stored["shape"])
     diff = np.abs(out[:, 64:128, 64:128].astype(np.int16) - stored["slice"].astype(np.int16))
     # the same bits on this kind of machine; a last-bit float difference elsewhere may move a pixel by 1
     assert diff.max() <= 1 and diff.mean() < 0.05
+
+
+def _model_name(name: str | None) -> str | None:
+    return None if name == "aerial-x4-clean" else name
+
+
+def _slice_run(name: str | None) -> np.ndarray:
+    """What a stored slice holds: ``aerial-x4-clean`` is the default on the clean input (its clean route)."""
+    if name == "aerial-x4-clean":
+        return _run(clean=True)
+    return _run(**_settings(name))
+
+
+@pytest.mark.skipif(not (experts_present and get_model("rrdn-aerial-clean").weights_present() and FIXTURE.is_file()),
+                    reason="expert weights or the fixture missing")
+def test_the_default_runs_its_fusion_on_the_jpeg_fixture_and_the_clean_network_on_a_clean_view():
+    from geosr.models.compression import JPEG_THRESHOLD, jpeg_evidence
+
+    assert jpeg_evidence(_input() / 255.0) > 0.8 > JPEG_THRESHOLD > jpeg_evidence(_input(clean=True) / 255.0)
+    assert np.array_equal(_run(), _run(model="aerial-x4-fusion"))
+    clean = _run(clean=True)
+    assert np.array_equal(clean, _run(clean=True, model="rrdn-aerial-clean"))
+    assert not np.array_equal(clean, _run(clean=True, model="aerial-x4-fusion"))
 
 
 def test_the_first_stage1_release_stays_as_mmsr_prior():
@@ -139,7 +194,7 @@ def test_the_first_stage1_release_stays_as_mmsr_prior():
     from geosr.models.mmsr.bundle import INDEX
     from geosr.models.mmsr.model import EMBEDDED
 
-    v1, v2, new = get_model("aerial-x4-v1"), get_model("aerial-x4-v2"), get_model("aerial-x4")
+    v1, v2, new = get_model("aerial-x4-v1"), get_model("aerial-x4-v2"), get_model("aerial-x4-fusion")
     assert (v1.path, v2.path, new.path) == (WEIGHTS_V1, WEIGHTS_V2, WEIGHTS)
     assert len({p.read_bytes() for p in (WEIGHTS_V1, WEIGHTS_V2, WEIGHTS)}) == 3
     assert (v1.consistency, v2.consistency, new.consistency) == (0.5, 0.25, 0.25)  # each file's measured settings
@@ -177,13 +232,13 @@ def test_committed_mmsr_weights_reproduce_the_stored_output():
     assert diff.max() <= 1 and diff.mean() < 0.05
 
 
-if __name__ == "__main__":  # regenerate a stored slice after retraining: aerial-x4, -x4-v2, -x4-v1, -x2, -x2-fast, mmsr
-    import sys
+if __name__ == "__main__":  # regenerate a stored slice after retraining: aerial-x4, -x4-clean, -x4-v2, -x4-v1, -x2,
+    import sys  # -x2-fast, mmsr
 
     name = sys.argv[1] if len(sys.argv) > 1 else "aerial-x4"
-    path = {"aerial-x4": SLICE, "aerial-x4-v2": V2_SLICE, "aerial-x4-v1": V1_SLICE, "aerial-x2": X2_SLICE,
-            "aerial-x2-fast": X2_FAST_SLICE, "mmsr": MMSR_SLICE}[name]
-    out = _run(**_settings(name))
+    path = {"aerial-x4": SLICE, "aerial-x4-clean": CLEAN_SLICE, "aerial-x4-v2": V2_SLICE, "aerial-x4-v1": V1_SLICE,
+            "aerial-x2": X2_SLICE, "aerial-x2-fast": X2_FAST_SLICE, "mmsr": MMSR_SLICE}[name]
+    out = _slice_run(name)
     path.parent.mkdir(exist_ok=True)
     np.savez_compressed(path, slice=out[:, 64:128, 64:128], shape=np.array(out.shape))
     print(f"wrote {path}")

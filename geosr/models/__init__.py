@@ -16,20 +16,31 @@ RRDN_AERIAL_CONSISTENCY = 0.5  # rrdn-aerial's own projection strength when run 
 @lru_cache(maxsize=None)
 def _registry(device: str) -> dict[str, SRModel]:
     """One instance per model and device, so loaded weights are reused across calls (bench, accessor, tests)."""
-    from .fusion import CHECKPOINTS, WEIGHTS_V1, WEIGHTS_V2, WEIGHTS_X2, WEIGHTS_X2_FAST, X2_CONSISTENCY, FusionSR
+    from .fusion import (CHECKPOINTS, CHROMA_FACTOR, WEIGHTS_V1, WEIGHTS_V2, WEIGHTS_X2, WEIGHTS_X2_FAST,
+                         X2_CONSISTENCY, FusionSR)
     from .mmsr.model import MMSRModel
     from .networks import TorchSR, TunedSR, Waifu2xSR
     from .resample import Replicate, bicubic, lanczos3
+    from .routed import RoutedSR
 
-    def tuned_rrdn(name: str, description: str) -> TunedSR:  # RRDN-GAN plus a difference trained by geosr
+    def tuned_rrdn(name: str, description: str, chroma_factor: int = 1) -> TunedSR:  # RRDN-GAN + a geosr difference
         return TunedSR(name=name, filename="rrdn_gan_x4.safetensors", module="geosr.models.tfjs",
                        delta=CHECKPOINTS / f"{name}-delta.safetensors", receptive_field=20, default_tile=256,
-                       device=device, consistency=RRDN_AERIAL_CONSISTENCY, description=description)
+                       device=device, consistency=RRDN_AERIAL_CONSISTENCY, description=description,
+                       chroma_factor=chroma_factor)
 
     x2 = FusionSR(device=device, path=WEIGHTS_X2, name="aerial-x2", consistency=X2_CONSISTENCY, chroma_factor=2,
                   description="geosr aerial x2 stage 1: RRDN-GAN and Real-ESRGAN x4plus (brought down from x4) and "
                               "waifu2x photo x2 (plain and denoising) fused per pixel by a network trained by geosr on "
                               "data/train; what aerial-x4 runs at --scale 2")
+    clean = tuned_rrdn(
+        "rrdn-aerial-clean",
+        description="RRDN-GAN fine-tuned by geosr on data/train's aerial crops downscaled without damage (a committed "
+                    "int8 difference from the npm weights): on clean imagery sharper than aerial-x4-fusion (LPIPS) and "
+                    "better than RRDN-GAN on every measure; on noisy or compressed imagery it sharpens the damage; "
+                    "what aerial-x4 runs on imagery without JPEG compression", chroma_factor=CHROMA_FACTOR)
+    fused = FusionSR(device=device, x2=x2, description=FusionSR.description + "; x2 runs aerial-x2; what aerial-x4 "
+                     "runs on JPEG-compressed imagery")
     return {
         "bicubic": bicubic(),
         "lanczos": lanczos3(),
@@ -43,13 +54,8 @@ def _registry(device: str) -> dict[str, SRModel]:
             "rrdn-aerial",
             description="RRDN-GAN fine-tuned by geosr on data/train's aerial crops with blur, noise and JPEG (a committed "
                         "difference from the npm weights): cleaner than RRDN-GAN on damaged inputs, softer on clean "
-                        "ones; a candidate of aerial-x4"),
-        "rrdn-aerial-clean": tuned_rrdn(
-            "rrdn-aerial-clean",
-            description="RRDN-GAN fine-tuned by geosr on data/train's aerial crops downscaled without damage (a "
-                        "committed int8 difference from the npm weights): on clean imagery sharper than aerial-x4 "
-                        "(LPIPS) and better than RRDN-GAN on every measure; on noisy or compressed imagery it "
-                        "sharpens the damage"),
+                        "ones; a candidate of aerial-x4-fusion"),
+        "rrdn-aerial-clean": clean,
         "realesrgan-x4plus": TorchSR(
             name="realesrgan-x4plus", filename="realesrgan_x4plus.safetensors", module="geosr.models.ncnn",
             receptive_field=48, default_tile=384, device=device,
@@ -61,7 +67,12 @@ def _registry(device: str) -> dict[str, SRModel]:
                         "fidelity first, smooth")
            for name, first, what in (("waifu2x-photo", "scale", "plain x2"),
                                      ("waifu2x-photo-denoise", "noise1", "x2 with JPEG-noise removal level 1"))},
-        "aerial-x4": FusionSR(device=device, x2=x2, description=FusionSR.description + "; x2 runs aerial-x2"),
+        "aerial-x4": RoutedSR(
+            name="aerial-x4", clean=clean, compressed=fused,
+            description="geosr's default: per scene, rrdn-aerial-clean on imagery without JPEG compression, "
+                        "aerial-x4-fusion on JPEG-compressed imagery (judged from the scene's DCT coefficients); x2 "
+                        "runs aerial-x2"),
+        "aerial-x4-fusion": fused,
         "aerial-x2": x2,
         "aerial-x2-fast": FusionSR(
             device=device, path=WEIGHTS_X2_FAST, name="aerial-x2-fast", consistency=X2_CONSISTENCY, chroma_factor=2,

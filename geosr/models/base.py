@@ -60,10 +60,13 @@ class SRModel(ABC):
 
             raise ConfigError(f"--consistency {self.consistency}: choose a strength between 0 and 1")
 
-    def begin_scene(self, overview: np.ndarray, *, gsd: float | None = None, grid=None) -> None:
+    def begin_scene(self, overview: np.ndarray, *, gsd: float | None = None, grid=None,
+                    sample: np.ndarray | None = None) -> None:
         """Called once per scene before its tiles with a decimated, scaled view ``(C, h, w)`` of the whole scene.
 
         ``grid`` is the scene's :class:`~geosr.conditioning.base.SceneGrid` (None without georeferencing).
+        ``sample`` is a window of the scene at full resolution, scaled (``(C, h, w)``, at most
+        :data:`geosr.scene.SAMPLE_SIDE` a side, from the centre): what a model judges the scene's pixels by.
         """
 
     def begin_tile(self, grid) -> None:

@@ -140,7 +140,7 @@ X2_CONSISTENCY = 0.5  # their LR-consistency projection strength, chosen on the 
 class FusionSR(SRModel):
     """geosr's trained stage 1: the experts run on the tile, :class:`FusionNet` combines them."""
 
-    name = "aerial-x4"
+    name = "aerial-x4-fusion"
     channels = 3
     receptive_field = 56  # Real-ESRGAN's 48 input px plus a little of the fusion network's own context
     default_tile = 512

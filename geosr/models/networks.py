@@ -12,7 +12,7 @@ import numpy as np
 
 from ..config import weights_dir
 from ..errors import WeightsError
-from .base import SRModel
+from .base import SRModel, is_grey
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +117,20 @@ class TunedSR(TorchSR):
     base model) plus a committed difference (``delta``, written by :func:`geosr.training.expert.tune_expert` in
     float16, or by :func:`geosr.training.expert.quantize_delta` in int8 with one scale per tensor)."""
 
-    def __init__(self, *, delta: Path, **kwargs):
+    def __init__(self, *, delta: Path, chroma_factor: int = 1, **kwargs):
+        """``chroma_factor`` > 1: the output keeps its luma and its colour detail is low-passed to ``1/factor`` of
+        the output grid (:func:`geosr.models.consistency.limit_chroma`, as aerial-x4-fusion does)."""
         super().__init__(**kwargs)
         self.delta = Path(delta)
+        self.chroma_factor = int(chroma_factor)
+
+    def upscale(self, x: np.ndarray, scale: int) -> np.ndarray:
+        out = super().upscale(x, scale)
+        if self.chroma_factor > 1 and x.shape[0] == 3 and not is_grey(x):
+            from .consistency import limit_chroma
+
+            out = limit_chroma(out, self.chroma_factor)
+        return out
 
     def weights_present(self) -> bool:
         return super().weights_present() and self.delta.is_file()

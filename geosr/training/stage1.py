@@ -49,6 +49,7 @@ class Stage1Config:
     # the SSIM-Y weight on pairs degraded by the clean downscale alone (the network sees the LR, so it can tell them
     # apart); None: ssim_weight on every pair
     ssim_weight_clean: float | None = None
+    damaged_only: bool = False  # train on the pairs with damage only (a network that never sees clean input)
     features: int = 64
     blocks: int = 6
     residual: bool = True  # False: the network only mixes the candidates (no correction of its own)
@@ -183,6 +184,9 @@ def train_fusion(out: str | Path, cfg: Stage1Config, progress=None, init: str | 
     out = Path(out)
     torch.manual_seed(cfg.seed)
     hr, lr, ex, clean = _load_pairs(out / "pairs", cfg.experts)
+    if cfg.damaged_only:
+        keep = ~clean
+        hr, lr, ex, clean = hr[keep], lr[keep], ex[keep], clean[keep]
     if not 0 <= cfg.holdout < hr.shape[0]:
         from ..errors import ConfigError
 

@@ -266,7 +266,8 @@ class MMSRModel(SRModel):
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
 
-    def begin_scene(self, overview: np.ndarray, *, gsd: float | None = None, grid=None) -> None:
+    def begin_scene(self, overview: np.ndarray, *, gsd: float | None = None, grid=None,
+                    sample: np.ndarray | None = None) -> None:
         """One caption for the whole scene from its decimated, scaled view ``(C, h, w)``; the user's files opened
         and checked against the scene's ``grid``."""
         import torch
