@@ -261,6 +261,27 @@ def test_x2_pairs_train_a_x2_network_that_the_x4_model_runs_at_scale_2(tmp_path)
     assert f"; x2: {weights.name} + experts lanczos" in x4.provenance()["member"]
 
 
+def test_damaged_only_trains_on_the_damaged_pairs_alone(tmp_path):
+    from safetensors import safe_open
+
+    from geosr.errors import ConfigError
+    from geosr.training.stage1 import Stage1Config, train_fusion
+
+    _write_pairs(tmp_path / "pairs", 5)
+    cfg = dict(steps=2, batch=2, train_crop=16, features=8, blocks=1, lpips_weight=0.0, damaged_only=True)
+    with pytest.raises(ConfigError, match="must leave pairs to train on"):  # every pair here is a clean one
+        train_fusion(tmp_path, Stage1Config(**cfg))
+    for name in ("00001.npz", "00003.npz"):
+        z = dict(np.load(tmp_path / "pairs" / name))
+        np.savez(tmp_path / "pairs" / name, **{**z, "kind": "second-order"})
+    final = train_fusion(tmp_path, Stage1Config(**cfg))
+    with safe_open(str(final), framework="pt") as f:
+        assert f.metadata()["pairs"] == "2"
+    final = train_fusion(tmp_path, Stage1Config(**{**cfg, "damaged_only": False}))
+    with safe_open(str(final), framework="pt") as f:
+        assert f.metadata()["pairs"] == "5"
+
+
 def test_the_ssim_weight_can_differ_on_clean_pairs(tmp_path):
     from safetensors.torch import load_file
 

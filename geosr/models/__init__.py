@@ -81,11 +81,11 @@ def _registry(device: str) -> dict[str, SRModel]:
         "aerial-x4-v2": FusionSR(
             device=device, path=WEIGHTS_V2, name="aerial-x4-v2",
             description="geosr aerial x4 stage 1, second release: RRDN-GAN and Real-ESRGAN x4plus only (the default "
-                        "before the third release); about 20% faster than aerial-x4, worse LPIPS"),
+                        "before the third release); about 20% faster than aerial-x4-fusion, worse LPIPS"),
         "aerial-x4-v1": FusionSR(
             device=device, path=WEIGHTS_V1, name="aerial-x4-v1", consistency=0.5, chroma_factor=2,
             description="geosr aerial x4 stage 1, first release (trained for L1 + 0.5 LPIPS): better LPIPS, lower "
-                        "PSNR-Y and SSIM-Y than aerial-x4; the prior of mmsr-aerial-x4"),
+                        "PSNR-Y and SSIM-Y than aerial-x4-fusion; the prior of mmsr-aerial-x4"),
         "mmsr": MMSRModel(device=device),
     }
 

@@ -65,8 +65,9 @@ class SRModel(ABC):
         """Called once per scene before its tiles with a decimated, scaled view ``(C, h, w)`` of the whole scene.
 
         ``grid`` is the scene's :class:`~geosr.conditioning.base.SceneGrid` (None without georeferencing).
-        ``sample`` is a window of the scene at full resolution, scaled (``(C, h, w)``, at most
-        :data:`geosr.scene.SAMPLE_SIDE` a side, from the centre): what a model judges the scene's pixels by.
+        ``sample`` is the scene's pixels at full resolution, scaled (``(C, h, w)``, :func:`geosr.scene.scene_sample`:
+        the whole of a small scene, else five windows side by side): what a model judges the scene's pixels by (the
+        overview's decimation has lost fine structure such as JPEG's 8 px grid).
         """
 
     def begin_tile(self, grid) -> None:

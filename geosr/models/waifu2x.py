@@ -8,7 +8,7 @@ safetensors file, keyed ``<variant>.convs.<i>.weight`` etc.
 
 ×4 is two passes: the chosen variant first, then ``scale`` on its (clipped) output.  It is far sharper than
 interpolation and far smoother than the GAN networks: on BENCHMARK.md's crops it has the best PSNR-Y and SSIM-Y
-of any offline network and poor LPIPS, so geosr uses it as a candidate in its trained fusion (``aerial-x4``).
+of any offline network and poor LPIPS, so geosr uses it as a candidate in its trained ×2 fusion (``aerial-x2``).
 """
 
 from __future__ import annotations
