@@ -1,7 +1,7 @@
-"""What a plain run uses (issue 6, so far): aerial-x4, which runs geosr's trained stage 1 (aerial-x4-fusion) on
-JPEG-compressed imagery and RRDN-GAN tuned on clean aerial downscales (rrdn-aerial-clean) on the rest, each with its
-LR-consistency projection; both are committed, show their provenance, and reproduce stored outputs. RRDN-GAN projects
-by default too."""
+"""What a plain run uses (issue 6, so far): aerial-x4, which runs geosr's trained stage 1 retrained on damaged pairs
+(aerial-x4-jpeg) on JPEG-compressed imagery and RRDN-GAN tuned on clean aerial downscales (rrdn-aerial-clean) on the
+rest, each with its LR-consistency projection; both are committed, show their provenance, and reproduce stored
+outputs, as do the earlier stage-1 releases. RRDN-GAN projects by default too."""
 
 from pathlib import Path
 
@@ -14,9 +14,10 @@ from geosr.models import DEFAULT_MODEL, get_model
 from geosr.models.fusion import EXPERTS, WEIGHTS
 
 HERE = Path(__file__).resolve().parent
-SLICE = HERE / "data" / "aerial_x4_slice.npz"  # written by `python tests/test_default_model.py aerial-x4`
+SLICE = HERE / "data" / "aerial_x4_slice.npz"  # `python tests/test_default_model.py aerial-x4-fusion`
 # the default on input without JPEG (its clean route): `python tests/test_default_model.py aerial-x4-clean`
 CLEAN_SLICE = HERE / "data" / "aerial_x4_clean_slice.npz"
+JPEG_SLICE = HERE / "data" / "aerial_x4_jpeg_slice.npz"  # `python tests/test_default_model.py aerial-x4-jpeg`
 V2_SLICE = HERE / "data" / "aerial_x4_v2_slice.npz"  # `python tests/test_default_model.py aerial-x4-v2`
 V1_SLICE = HERE / "data" / "aerial_x4_v1_slice.npz"  # `python tests/test_default_model.py aerial-x4-v1`
 X2_SLICE = HERE / "data" / "aerial_x2_slice.npz"  # `python tests/test_default_model.py aerial-x2`
@@ -67,7 +68,7 @@ def test_the_default_chooses_between_two_trained_networks_committed_and_listed(r
     default = get_model()
     assert DEFAULT_MODEL == "aerial-x4" and default.name == "aerial-x4"
     assert default.routes[CLEAN] is get_model("rrdn-aerial-clean")
-    assert default.routes[COMPRESSED] is get_model("aerial-x4-fusion")
+    assert default.routes[COMPRESSED] is get_model("aerial-x4-jpeg")
     assert WEIGHTS.is_file() and WEIGHTS.stat().st_size < 5_000_000
     prov = get_model("aerial-x4-fusion").provenance()
     assert "committed with geosr" in prov["registry"] and int(prov["trained_steps"]) > 0
@@ -83,8 +84,21 @@ def test_the_default_chooses_between_two_trained_networks_committed_and_listed(r
     if default.weights_present():  # the default's provenance names both networks and their files
         member = default.provenance()["member"]
         assert "clean input: rrdn-aerial-clean = rrdn-aerial-clean-delta.safetensors" in member
-        assert "compressed input: aerial-x4-fusion = aerial-fusion-x4.safetensors" in member
-        assert "geosr-trained:rrdn-aerial-clean-delta+aerial-fusion-x4==" in proc.stdout
+        assert "compressed input: aerial-x4-jpeg = aerial-fusion-x4-jpeg.safetensors" in member
+        assert "geosr-trained:rrdn-aerial-clean-delta+aerial-fusion-x4-jpeg==" in proc.stdout
+    # the compressed route's network: the fusion's recipe on the damaged pairs only, with its own projection
+    import json
+
+    from safetensors import safe_open
+
+    from geosr.models.fusion import WEIGHTS_JPEG
+
+    jpeg = get_model("aerial-x4-jpeg")
+    assert jpeg.path == WEIGHTS_JPEG and WEIGHTS_JPEG.stat().st_size < 5_000_000
+    with safe_open(str(WEIGHTS_JPEG), framework="pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["config"])["damaged_only"] is True and int(meta["pairs"]) < 188
+    assert jpeg.experts == get_model("aerial-x4-fusion").experts and jpeg.consistency == 0.35
 
 
 def test_the_clean_imagery_expert_is_committed_small_in_int8_and_tuned_on_clean_pairs(run_cli):
@@ -150,7 +164,8 @@ def test_the_default_runs_x2_with_its_x2_network_and_v1_brings_its_x4_down():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (experts_present and FIXTURE.is_file()), reason="expert weights or the fixture missing")
-@pytest.mark.parametrize("name, path", [(None, SLICE), ("aerial-x4-fusion", SLICE), ("aerial-x4-clean", CLEAN_SLICE),
+@pytest.mark.parametrize("name, path", [(None, JPEG_SLICE), ("aerial-x4-jpeg", JPEG_SLICE), ("aerial-x4-fusion", SLICE),
+                                        ("aerial-x4-clean", CLEAN_SLICE),
                                         ("aerial-x4-v2", V2_SLICE), ("aerial-x4-v1", V1_SLICE),
                                         ("aerial-x2", X2_SLICE), ("aerial-x2-fast", X2_FAST_SLICE)])
 def test_committed_stage1_weights_reproduce_the_stored_output(name, path):
@@ -177,11 +192,12 @@ def _slice_run(name: str | None) -> np.ndarray:
 
 @pytest.mark.skipif(not (experts_present and get_model("rrdn-aerial-clean").weights_present() and FIXTURE.is_file()),
                     reason="expert weights or the fixture missing")
-def test_the_default_runs_its_fusion_on_the_jpeg_fixture_and_the_clean_network_on_a_clean_view():
+def test_the_default_runs_its_jpeg_fusion_on_the_jpeg_fixture_and_the_clean_network_on_a_clean_view():
     from geosr.models.compression import JPEG_THRESHOLD, jpeg_evidence
 
     assert jpeg_evidence(_input() / 255.0) > 0.8 > JPEG_THRESHOLD > jpeg_evidence(_input(clean=True) / 255.0)
-    assert np.array_equal(_run(), _run(model="aerial-x4-fusion"))
+    assert np.array_equal(_run(), _run(model="aerial-x4-jpeg"))
+    assert not np.array_equal(_run(), _run(model="aerial-x4-fusion"))
     clean = _run(clean=True)
     assert np.array_equal(clean, _run(clean=True, model="rrdn-aerial-clean"))
     assert not np.array_equal(clean, _run(clean=True, model="aerial-x4-fusion"))
@@ -232,12 +248,13 @@ def test_committed_mmsr_weights_reproduce_the_stored_output():
     assert diff.max() <= 1 and diff.mean() < 0.05
 
 
-if __name__ == "__main__":  # regenerate a stored slice after retraining: aerial-x4, -x4-clean, -x4-v2, -x4-v1, -x2,
-    import sys  # -x2-fast, mmsr
+if __name__ == "__main__":  # regenerate a stored slice after retraining: aerial-x4 (= -x4-jpeg), -x4-fusion, -x4-clean,
+    import sys  # -x4-v2, -x4-v1, -x2, -x2-fast, mmsr
 
     name = sys.argv[1] if len(sys.argv) > 1 else "aerial-x4"
-    path = {"aerial-x4": SLICE, "aerial-x4-clean": CLEAN_SLICE, "aerial-x4-v2": V2_SLICE, "aerial-x4-v1": V1_SLICE,
-            "aerial-x2": X2_SLICE, "aerial-x2-fast": X2_FAST_SLICE, "mmsr": MMSR_SLICE}[name]
+    path = {"aerial-x4": JPEG_SLICE, "aerial-x4-jpeg": JPEG_SLICE, "aerial-x4-fusion": SLICE,
+            "aerial-x4-clean": CLEAN_SLICE, "aerial-x4-v2": V2_SLICE, "aerial-x4-v1": V1_SLICE, "aerial-x2": X2_SLICE,
+            "aerial-x2-fast": X2_FAST_SLICE, "mmsr": MMSR_SLICE}[name]
     out = _slice_run(name)
     path.parent.mkdir(exist_ok=True)
     np.savez_compressed(path, slice=out[:, 64:128, 64:128], shape=np.array(out.shape))

@@ -16,8 +16,8 @@ RRDN_AERIAL_CONSISTENCY = 0.5  # rrdn-aerial's own projection strength when run 
 @lru_cache(maxsize=None)
 def _registry(device: str) -> dict[str, SRModel]:
     """One instance per model and device, so loaded weights are reused across calls (bench, accessor, tests)."""
-    from .fusion import (CHECKPOINTS, CHROMA_FACTOR, WEIGHTS_V1, WEIGHTS_V2, WEIGHTS_X2, WEIGHTS_X2_FAST,
-                         X2_CONSISTENCY, FusionSR)
+    from .fusion import (CHECKPOINTS, CHROMA_FACTOR, JPEG_CONSISTENCY, WEIGHTS_JPEG, WEIGHTS_V1, WEIGHTS_V2, WEIGHTS_X2,
+                         WEIGHTS_X2_FAST, X2_CONSISTENCY, FusionSR)
     from .mmsr.model import MMSRModel
     from .networks import TorchSR, TunedSR, Waifu2xSR
     from .resample import Replicate, bicubic, lanczos3
@@ -39,8 +39,11 @@ def _registry(device: str) -> dict[str, SRModel]:
                     "int8 difference from the npm weights): on clean imagery sharper than aerial-x4-fusion (LPIPS) and "
                     "better than RRDN-GAN on every measure; on noisy or compressed imagery it sharpens the damage; "
                     "what aerial-x4 runs on imagery without JPEG compression", chroma_factor=CHROMA_FACTOR)
-    fused = FusionSR(device=device, x2=x2, description=FusionSR.description + "; x2 runs aerial-x2; what aerial-x4 "
-                     "runs on JPEG-compressed imagery")
+    fused = FusionSR(device=device, x2=x2, description=FusionSR.description + " (trained on clean and damaged pairs); "
+                     "x2 runs aerial-x2; better than aerial-x4 on noisy imagery that never went through JPEG")
+    jpeg = FusionSR(device=device, x2=x2, path=WEIGHTS_JPEG, name="aerial-x4-jpeg", consistency=JPEG_CONSISTENCY,
+                    description="aerial-x4-fusion's network and candidates trained on damaged pairs only (blur, noise, "
+                                "JPEG): what aerial-x4 runs on JPEG-compressed imagery; x2 runs aerial-x2")
     return {
         "bicubic": bicubic(),
         "lanczos": lanczos3(),
@@ -68,10 +71,11 @@ def _registry(device: str) -> dict[str, SRModel]:
            for name, first, what in (("waifu2x-photo", "scale", "plain x2"),
                                      ("waifu2x-photo-denoise", "noise1", "x2 with JPEG-noise removal level 1"))},
         "aerial-x4": RoutedSR(
-            name="aerial-x4", clean=clean, compressed=fused,
+            name="aerial-x4", clean=clean, compressed=jpeg,
             description="geosr's default: per scene, rrdn-aerial-clean on imagery without JPEG compression, "
-                        "aerial-x4-fusion on JPEG-compressed imagery (judged from the scene's DCT coefficients); x2 "
+                        "aerial-x4-jpeg on JPEG-compressed imagery (judged from the scene's DCT coefficients); x2 "
                         "runs aerial-x2"),
+        "aerial-x4-jpeg": jpeg,
         "aerial-x4-fusion": fused,
         "aerial-x2": x2,
         "aerial-x2-fast": FusionSR(

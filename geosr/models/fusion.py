@@ -125,7 +125,11 @@ def load_net(path: str | Path) -> FusionNet:
 
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
-WEIGHTS = CHECKPOINTS / "aerial-fusion-x4.safetensors"  # committed: the default (three candidates, SSIM-Y term)
+WEIGHTS = CHECKPOINTS / "aerial-fusion-x4.safetensors"  # committed: aerial-x4-fusion (three candidates, SSIM-Y term)
+# committed: the same recipe trained on the damaged pairs only (Stage1Config.damaged_only), what aerial-x4 runs on
+# JPEG-compressed input; its projection strength (0.35) keeps the real crops' LR-consistency above 38 dB
+WEIGHTS_JPEG = CHECKPOINTS / "aerial-fusion-x4-jpeg.safetensors"
+JPEG_CONSISTENCY = 0.35
 # committed: the second release (two candidates, the default before this one), kept as `aerial-x4-v2`
 WEIGHTS_V2 = CHECKPOINTS / "aerial-fusion-x4-v2.safetensors"
 # committed: the first release (L1 + 0.5 LPIPS), kept as `aerial-x4-v1` because mmsr-aerial-x4 was trained over it
