@@ -4,9 +4,10 @@ input, other imagery to one made for clean input.
 No single network measured here is best on both (``geosr/checkpoints/MODEL_CARD.md``): the fused stage 1 keeps
 JPEG blocks and noise in check but is soft on clean input, and RRDN-GAN tuned on clean downscales is sharp on clean
 input and sharpens the blocks of compressed input. :class:`RoutedSR` asks :func:`~geosr.models.compression.jpeg_evidence`
-once per scene, on a full-resolution window from the scene's centre (``begin_scene``'s ``sample``), so every tile of
-a scene runs the same model and no seam appears where the choice would change. The choice and its evidence are
-logged, and ``route`` keeps them for the run.
+once per scene, on the scene's pixels at full resolution (``begin_scene``'s ``sample``: the whole of a small scene,
+else five windows, :func:`geosr.scene.scene_sample`), so every tile of a scene runs the same model and no seam
+appears where the choice would change. The choice and its evidence are logged, and ``route`` / ``evidence`` keep
+them for the run (``route_note`` goes into the output's tags).
 
 It sees compression only: noise or blur in uncompressed imagery takes the clean route (see the model card for what
 that costs); ``--model`` with either route's name runs it directly.
@@ -91,7 +92,7 @@ class RoutedSR(SRModel):
                 f"{self._model(self._scale).name}")
 
     def choose(self, sample: np.ndarray) -> str:
-        """The route for a scene whose full-resolution window (``(C, h, w)``, model units) is ``sample``."""
+        """The route for a scene whose full-resolution pixels (``(C, h, w)``, model units) are ``sample``."""
         self.evidence = jpeg_evidence(sample)
         return COMPRESSED if self.evidence >= self.threshold else CLEAN
 
