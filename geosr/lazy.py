@@ -265,7 +265,8 @@ def enhance_lazy(scene: Scene, config: EnhanceConfig | None = None, *, model: SR
         from .worker import remote_run_task
 
         gsd = float(np.mean(scene.gsd)) / config.scale if scene.georeferenced else None
-        dsk[run_key] = remote_run_task(token, task_run, scene_overview(scene), gsd, config, scene_sample(scene))
+        sample = scene_sample(scene) if run.model.reads_sample else None
+        dsk[run_key] = remote_run_task(token, task_run, scene_overview(scene), gsd, config, sample)
 
     hooks = pass_key = None
     if progress or should_stop is not None:

@@ -404,7 +404,8 @@ def _start(model: SRModel, scene: Scene, config: EnhanceConfig) -> None:
     model.prepare()
     _set_threads(config)
     gsd = float(np.mean(scene.gsd)) * 1.0 / config.scale if scene.georeferenced else None
-    model.begin_scene(scene_overview(scene), gsd=gsd, grid=scene_grid(scene), sample=scene_sample(scene))
+    sample = scene_sample(scene) if model.reads_sample else None
+    model.begin_scene(scene_overview(scene), gsd=gsd, grid=scene_grid(scene), sample=sample)
 
 
 def prepare_run(scene: Scene, config: EnhanceConfig, model: SRModel | None = None, *,

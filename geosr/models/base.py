@@ -38,6 +38,7 @@ class SRModel(ABC):
     consistency: float = 0.0
     default_consistency: float = 0.0
     reads_geodata: bool = False  # takes the user's DSM / land cover / vectors (EnhanceConfig dsm, landcover, vectors)
+    reads_sample: bool = False  # judges the scene's full-resolution pixels in begin_scene (its ``sample``)
 
     @abstractmethod
     def upscale(self, x: np.ndarray, scale: int) -> np.ndarray: ...
@@ -65,9 +66,10 @@ class SRModel(ABC):
         """Called once per scene before its tiles with a decimated, scaled view ``(C, h, w)`` of the whole scene.
 
         ``grid`` is the scene's :class:`~geosr.conditioning.base.SceneGrid` (None without georeferencing).
-        ``sample`` is the scene's pixels at full resolution, scaled (``(C, h, w)``, :func:`geosr.scene.scene_sample`:
-        the whole of a small scene, else five windows side by side): what a model judges the scene's pixels by (the
-        overview's decimation has lost fine structure such as JPEG's 8 px grid).
+        ``sample`` (for models with ``reads_sample``; else None) is the scene's pixels at full resolution, scaled
+        (``(C, h, w)``, :func:`geosr.scene.scene_sample`: the whole of a small scene, else five windows side by side):
+        what a model judges the scene's pixels by (the overview's decimation has lost fine structure such as JPEG's
+        8 px grid).
         """
 
     def begin_tile(self, grid) -> None:

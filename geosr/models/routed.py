@@ -33,6 +33,7 @@ class RoutedSR(SRModel):
 
     channels = 3
     edge = "cut"
+    reads_sample = True
 
     def __init__(self, *, name: str, clean: SRModel, compressed: SRModel, description: str,
                  threshold: float = JPEG_THRESHOLD):
