@@ -10,8 +10,10 @@ import pytest
 
 from geosr.bench import lr_consistency
 from geosr.config import EnhanceConfig, data_dir
-from geosr.models import DEFAULT_MODEL, get_model
+from geosr.errors import ConfigError
+from geosr.models import CLEAN_INTERPOLATION, DEFAULT_MODEL, get_model
 from geosr.models.fusion import EXPERTS, WEIGHTS
+from geosr.models.networks import TunedSR
 
 HERE = Path(__file__).resolve().parent
 SLICE = HERE / "data" / "aerial_x4_slice.npz"  # `python tests/test_default_model.py aerial-x4-fusion`
@@ -104,6 +106,7 @@ def test_the_default_chooses_between_two_trained_networks_committed_and_listed(r
 def test_the_clean_imagery_expert_is_committed_small_in_int8_and_tuned_on_clean_pairs(run_cli):
     import json
 
+    import torch
     from safetensors import safe_open
 
     model = get_model("rrdn-aerial-clean")
@@ -133,6 +136,26 @@ def test_the_clean_imagery_expert_is_committed_small_in_int8_and_tuned_on_clean_
         np.testing.assert_allclose(tuned, limit_chroma(raw, 4), atol=1e-6)
         grey = np.repeat(x[:1], 3, axis=0)  # a grey tile keeps what the network made
         np.testing.assert_array_equal(model.upscale(grey, 4), plain.upscale(grey, 4))
+        # it runs halfway between the npm weights and the fine-tuned ones (WiSE-FT): every tensor is their mean
+        assert model.interpolation == CLEAN_INTERPOLATION == 0.5
+        full = TunedSR(name="full", filename=model.filename, module=model.module, delta=model.delta, receptive_field=20,
+                       default_tile=256, description="", interpolation=1.0)
+        half_w, full_w = model._net.state_dict(), full._load("cpu").state_dict()
+        base_w = get_model("rrdn-gan")._load("cpu").state_dict()  # a fresh copy of the npm tensors
+        assert set(half_w) == set(full_w) == set(base_w)
+        for k in half_w:
+            torch.testing.assert_close(half_w[k], (base_w[k] + full_w[k]) / 2, atol=1e-6, rtol=1e-5)
+        assert max(float((full_w[k] - base_w[k]).abs().max()) for k in half_w) > 1e-3  # the two ends differ
+        # the loaded networks are cached by difference and weight: the full one is another network
+        full.prepare()
+        assert full._net is not model._net and not np.array_equal(full.upscale(grey, 4), plain.upscale(grey, 4))
+
+
+def test_tuned_networks_refuse_an_interpolation_outside_zero_to_one(tmp_path):
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ConfigError, match="between 0 .base. and 1"):
+            TunedSR(name="t", filename="rrdn_gan_x4.safetensors", module="geosr.models.tfjs", delta=tmp_path / "d",
+                    receptive_field=20, default_tile=256, description="", interpolation=bad)
 
 
 @pytest.mark.skipif(not (experts_present and x2_experts_present and FIXTURE.is_file()),

@@ -110,6 +110,20 @@ def test_crop_sampler_is_seeded_and_skips_small_images():
     assert a._cached_bytes <= 16 * 2**20 or len(a._cache) == 1  # the LRU cache stays bounded
 
 
+def test_by_source_makes_each_source_folder_equally_likely(tmp_path):
+    # source "many": 9 black images; source "one": 1 white image. By file, white is 1 crop in 10; by source, 1 in 2.
+    for name, value, count in (("many", 0, 9), ("one", 255, 1)):
+        (tmp_path / name).mkdir()
+        for i in range(count):
+            Image.fromarray(np.full((16, 16, 3), value, np.uint8)).save(tmp_path / name / f"{i}.png")
+    shares = {}
+    for by_source in (False, True):
+        sampler = CropSampler(tmp_path, crop=8, seed=0, by_source=by_source)
+        shares[by_source] = np.mean([sampler.sample_uint8().max() > 0 for _ in range(2000)])
+        assert len(sampler.groups) == (2 if by_source else 10)
+    assert abs(shares[False] - 0.1) < 0.03 and abs(shares[True] - 0.5) < 0.05
+
+
 # ----------------------------------------------------------------------------------------------------------
 # drop flags
 

@@ -11,6 +11,7 @@ from .base import SRModel
 # cleaner than RRDN-GAN, which amplifies JPEG blocks; on ideally downscaled inputs RRDN-GAN scores higher
 DEFAULT_MODEL = "aerial-x4"
 RRDN_AERIAL_CONSISTENCY = 0.5  # rrdn-aerial's own projection strength when run alone (MODEL_CARD.md)
+CLEAN_INTERPOLATION = 0.5  # rrdn-aerial-clean runs halfway between RRDN-GAN and its fine-tuned weights (MODEL_CARD.md)
 
 
 @lru_cache(maxsize=None)
@@ -23,11 +24,12 @@ def _registry(device: str) -> dict[str, SRModel]:
     from .resample import Replicate, bicubic, lanczos3
     from .routed import RoutedSR
 
-    def tuned_rrdn(name: str, description: str, chroma_factor: int = 1) -> TunedSR:  # RRDN-GAN + a geosr difference
+    def tuned_rrdn(name: str, description: str, chroma_factor: int = 1,
+                   interpolation: float = 1.0) -> TunedSR:  # RRDN-GAN + a geosr difference
         return TunedSR(name=name, filename="rrdn_gan_x4.safetensors", module="geosr.models.tfjs",
                        delta=CHECKPOINTS / f"{name}-delta.safetensors", receptive_field=20, default_tile=256,
                        device=device, consistency=RRDN_AERIAL_CONSISTENCY, description=description,
-                       chroma_factor=chroma_factor)
+                       chroma_factor=chroma_factor, interpolation=interpolation)
 
     x2 = FusionSR(device=device, path=WEIGHTS_X2, name="aerial-x2", consistency=X2_CONSISTENCY, chroma_factor=2,
                   description="geosr aerial x2 stage 1: RRDN-GAN and Real-ESRGAN x4plus (brought down from x4) and "
@@ -36,9 +38,10 @@ def _registry(device: str) -> dict[str, SRModel]:
     clean = tuned_rrdn(
         "rrdn-aerial-clean",
         description="RRDN-GAN fine-tuned by geosr on data/train's aerial crops downscaled without damage (a committed "
-                    "int8 difference from the npm weights): on clean imagery sharper than aerial-x4-fusion (LPIPS) and "
-                    "better than RRDN-GAN on every measure; on noisy or compressed imagery it sharpens the damage; "
-                    "what aerial-x4 runs on imagery without JPEG compression", chroma_factor=CHROMA_FACTOR)
+                    "int8 difference from the npm weights), run halfway between the npm weights and the fine-tuned "
+                    "ones: on clean imagery sharper than aerial-x4-fusion (LPIPS) and better than RRDN-GAN on every "
+                    "measure; on noisy or compressed imagery it sharpens the damage; what aerial-x4 runs on imagery "
+                    "without JPEG compression", chroma_factor=CHROMA_FACTOR, interpolation=CLEAN_INTERPOLATION)
     fused = FusionSR(device=device, x2=x2, description=FusionSR.description + " (trained on clean and damaged pairs); "
                      "x2 runs aerial-x2; better than aerial-x4 on noisy imagery that never went through JPEG")
     jpeg = FusionSR(device=device, x2=x2, path=WEIGHTS_JPEG, name="aerial-x4-jpeg", consistency=JPEG_CONSISTENCY,

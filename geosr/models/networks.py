@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import weights_dir
-from ..errors import WeightsError
+from ..errors import ConfigError, WeightsError
 from .base import SRModel, is_grey
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class TorchSR(SRModel):
                 return
             self._check_weights()
             device = resolve_device(self.device)
-            key = (str(self._cache_path), device)
+            key = (self._cache_key, device)
             if key not in _LOADED:
                 _LOADED[key] = self._load(device)
                 log.info("loaded %s from %s on %s", self.name, self._cache_path, device)
@@ -80,6 +80,10 @@ class TorchSR(SRModel):
     def _cache_path(self) -> Path:
         """The file that tells this network apart in the per-process cache of loaded networks."""
         return self.path
+
+    @property
+    def _cache_key(self) -> str:
+        return str(self._cache_path)
 
     def _check_weights(self) -> None:
         if not self.path.is_file():
@@ -117,12 +121,20 @@ class TunedSR(TorchSR):
     base model) plus a committed difference (``delta``, written by :func:`geosr.training.expert.tune_expert` in
     float16, or by :func:`geosr.training.expert.quantize_delta` in int8 with one scale per tensor)."""
 
-    def __init__(self, *, delta: Path, chroma_factor: int = 1, **kwargs):
+    def __init__(self, *, delta: Path, chroma_factor: int = 1, interpolation: float = 1.0, **kwargs):
         """``chroma_factor`` > 1: the output keeps its luma and its colour detail is low-passed to ``1/factor`` of
-        the output grid (:func:`geosr.models.consistency.limit_chroma`, as aerial-x4-fusion does)."""
+        the output grid (:func:`geosr.models.consistency.limit_chroma`, as aerial-x4-fusion does).
+
+        ``interpolation``: the network runs ``base + interpolation · delta``, a point on the straight line between the
+        third-party weights (0) and the fine-tuned ones (1): weight-space ensembling of a network and its fine-tuned
+        self (WiSE-FT, Wortsman et al., CVPR 2022; ESRGAN's network interpolation), which keeps more of the base's
+        robustness to imagery unlike the fine-tuning data."""
         super().__init__(**kwargs)
+        if not 0.0 <= interpolation <= 1.0:
+            raise ConfigError(f"interpolation={interpolation}: give a weight between 0 (base) and 1 (fine-tuned)")
         self.delta = Path(delta)
         self.chroma_factor = int(chroma_factor)
+        self.interpolation = float(interpolation)
 
     def upscale(self, x: np.ndarray, scale: int) -> np.ndarray:
         out = super().upscale(x, scale)
@@ -144,14 +156,18 @@ class TunedSR(TorchSR):
         base = super().provenance()
         return {"package": f"geosr-trained:{self.delta.stem}", "version": f"{meta.get('trained_steps', '?')} steps",
                 "registry": "committed with geosr (fine-tuned here on data/train, see geosr/checkpoints/MODEL_CARD.md)",
-                "member": f"{self.delta.name} + {meta.get('base', '?')} from {base.get('package', '?')} "
-                          f"{base.get('version', '?')}",
+                "member": f"{meta.get('base', '?')} from {base.get('package', '?')} {base.get('version', '?')} + "
+                          + (f"{self.interpolation:g} x " if self.interpolation != 1.0 else "") + self.delta.name,
                 "sha256": sha256_file(self.delta), "license": base.get("license", "?"),
                 "trained_steps": meta.get("trained_steps", "")}
 
     @property
     def _cache_path(self) -> Path:
         return self.delta
+
+    @property
+    def _cache_key(self) -> str:
+        return f"{self.delta}@{self.interpolation}"
 
     def _check_weights(self) -> None:
         super()._check_weights()  # the base's
@@ -179,7 +195,8 @@ class TunedSR(TorchSR):
         if any(delta[k].dtype == torch.int8 and k not in scales for k in delta):
             raise WeightsError(f"model '{self.name}': {self.delta.name} holds int8 tensors without their scales")
         with torch.no_grad():
-            net.load_state_dict({k: state[k] + delta[k].float() * scales.get(k, 1.0) for k in state})
+            net.load_state_dict({k: state[k] + delta[k].float() * (scales.get(k, 1.0) * self.interpolation)
+                                 for k in state})
         return net.to(device).eval()
 
 

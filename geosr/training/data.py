@@ -3,8 +3,9 @@
 Every image file below the folder (.jpg .jpeg .png .tif .tiff) is read with rasterio and converted to 8-bit
 RGB exactly as the benchmark converts its scenes (:func:`geosr.bench.to_8bit`: a 1-99 percentile stretch over
 pixels > 0 for non-8-bit data; the first 3 bands, or the first band repeated). A crop picks an image uniformly
-(each file, not each pixel, is equally likely, so the many large Dubai tiles do not drown the other sources),
-a uniform position, a random flip and a random multiple of 90 degrees. Decoded images stay in an LRU cache bounded in
+(each file, not each pixel, is equally likely, so the many large Dubai tiles do not drown the other sources; with
+``by_source`` each source folder, i.e. each folder directly below the data folder, is equally likely first), a
+uniform position, a random flip and a random multiple of 90 degrees. Decoded images stay in an LRU cache bounded in
 bytes. All randomness comes from one ``numpy.random.Generator`` whose state can be saved and restored.
 Validation scenes (any folder named ``scenes``) are refused: never train on them.
 """
@@ -78,7 +79,8 @@ class CropSampler:
         hr = sampler.sample(8)  # (8, 3, 128, 128) float32 in [0, 1]
     """
 
-    def __init__(self, folder: str | Path, *, crop: int, seed: int = 0, cache_mb: float = 512.0):
+    def __init__(self, folder: str | Path, *, crop: int, seed: int = 0, cache_mb: float = 512.0,
+                 by_source: bool = False):
         if crop < 1:
             raise ConfigError(f"crop={crop}: give the HR crop side in pixels (>= 1)")
         self.folder, self.crop, self.cache_bytes = Path(folder), int(crop), int(cache_mb * 2**20)
@@ -91,10 +93,17 @@ class CropSampler:
             self.files.append(path)
         if not self.files:
             raise ConfigError(f"every image in {self.folder} is smaller than crop={crop}: use a smaller crop")
+        # the groups a crop first picks one of uniformly: every file alone, or every source folder's files
+        groups: dict[str, list[Path]] = {}
+        for path in self.files:
+            rel = path.relative_to(self.folder.expanduser().resolve()).parts
+            groups.setdefault(rel[0] if by_source and len(rel) > 1 else str(path), []).append(path)
+        self.groups = list(groups.values())
         self.rng = np.random.default_rng(seed)
         self._cache: OrderedDict[Path, np.ndarray] = OrderedDict()
         self._cached_bytes = 0
-        log.info("training crops of %d px from %d images in %s", crop, len(self.files), self.folder)
+        log.info("training crops of %d px from %d images in %s%s", crop, len(self.files), self.folder,
+                 f" ({len(self.groups)} sources, equally likely)" if by_source else "")
 
     def image(self, path: Path) -> np.ndarray:
         """Decoded ``(H, W, 3)`` uint8, through the LRU cache (the newest image is always kept)."""
@@ -112,7 +121,8 @@ class CropSampler:
     def sample_uint8(self) -> np.ndarray:
         """One random crop ``(crop, crop, 3)`` uint8 with a random flip and rotation."""
         rng, c = self.rng, self.crop
-        img = self.image(self.files[int(rng.integers(len(self.files)))])
+        group = self.groups[int(rng.integers(len(self.groups)))]
+        img = self.image(group[int(rng.integers(len(group)))] if len(group) > 1 else group[0])
         y = int(rng.integers(img.shape[0] - c + 1))
         x = int(rng.integers(img.shape[1] - c + 1))
         out = img[y:y + c, x:x + c]

@@ -47,6 +47,7 @@ class ExpertConfig:
     p_light: float = 0.5  # share with light blur / noise / JPEG; the rest are second-order
     gan_weight: float = 0.0  # > 0: + that times the non-saturating GAN loss of a patch discriminator trained alongside
     d_lr: float = 1e-4  # the discriminator's Adam learning rate (constant)
+    by_source: bool = False  # True: every source folder of ``data`` gives crops equally often (data.CropSampler)
     seed: int = 11
 
 
@@ -92,7 +93,7 @@ def tune_expert(out: str | Path, cfg: ExpertConfig, progress=None) -> Path:
     lpips = LPIPS.from_file(weights_dir() / FILENAME)
     degradations = Stage1Config(scale=4, p_clean=cfg.p_clean, p_light=cfg.p_light)
 
-    sampler = CropSampler(cfg.data, crop=cfg.crop, seed=cfg.seed)
+    sampler = CropSampler(cfg.data, crop=cfg.crop, seed=cfg.seed, by_source=cfg.by_source)
     crops = [sampler.sample_uint8() for _ in range(cfg.pool + cfg.holdout)]
     pool, held_hr = crops[:cfg.pool], crops[cfg.pool:]
     rng = np.random.default_rng(cfg.seed + 1)
