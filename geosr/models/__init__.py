@@ -46,8 +46,10 @@ def _registry(device: str) -> dict[str, SRModel]:
     fused = FusionSR(device=device, x2=x2, description=FusionSR.description + " (trained on clean and damaged pairs); "
                      "x2 runs aerial-x2; better than aerial-x4 on noisy imagery that never went through JPEG")
     jpeg = FusionSR(device=device, x2=x2, path=WEIGHTS_JPEG, name="aerial-x4-jpeg", consistency=JPEG_CONSISTENCY,
-                    description="aerial-x4-fusion's network and candidates trained on damaged pairs only (blur, noise, "
-                                "JPEG): what aerial-x4 runs on JPEG-compressed imagery; x2 runs aerial-x2")
+                    description="aerial-x4-fusion's network trained on damaged pairs only (blur, noise, JPEG) over "
+                                "RRDN-GAN, rrdn-aerial and realesrgan-aerial: what aerial-x4 runs on JPEG-compressed "
+                                "imagery, and the better choice for noisy imagery that never went through JPEG; x2 runs "
+                                "aerial-x2")
     return {
         "bicubic": bicubic(),
         "lanczos": lanczos3(),
