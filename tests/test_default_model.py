@@ -11,7 +11,12 @@ import pytest
 from geosr.bench import lr_consistency
 from geosr.config import EnhanceConfig, data_dir
 from geosr.errors import ConfigError
-from geosr.models import CLEAN_INTERPOLATION, DEFAULT_MODEL, RESR_INTERPOLATION, get_model
+from geosr.models import (
+    CLEAN_INTERPOLATION,
+    DEFAULT_MODEL,
+    RESR_INTERPOLATION,
+    get_model,
+)
 from geosr.models.fusion import EXPERTS, WEIGHTS
 from geosr.models.networks import TunedSR
 
