@@ -95,8 +95,9 @@ class CropSampler:
             raise ConfigError(f"every image in {self.folder} is smaller than crop={crop}: use a smaller crop")
         # the groups a crop first picks one of uniformly: every file alone, or every source folder's files
         groups: dict[str, list[Path]] = {}
+        root = self.folder.expanduser().resolve()  # find_images lists resolved paths
         for path in self.files:
-            rel = path.relative_to(self.folder.expanduser().resolve()).parts
+            rel = path.relative_to(root).parts
             groups.setdefault(rel[0] if by_source and len(rel) > 1 else str(path), []).append(path)
         self.groups = list(groups.values())
         self.rng = np.random.default_rng(seed)
