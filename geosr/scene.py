@@ -124,6 +124,7 @@ def _run_model(model: SRModel, x: np.ndarray, groups, scale: int) -> np.ndarray:
 
     out = np.empty((x.shape[0], x.shape[1] * scale, x.shape[2] * scale), dtype=np.float32)
     strength = getattr(model, "consistency", 0.0)
+    chroma = getattr(model, "chroma_consistency", None)
     for bands, mode in groups:
         if mode == "nearest":
             out[bands] = Replicate().upscale(x[bands], scale)
@@ -135,8 +136,8 @@ def _run_model(model: SRModel, x: np.ndarray, groups, scale: int) -> np.ndarray:
         else:
             rgb = np.repeat(x[bands], 3, axis=0) if model.channels == 3 else x[bands]
             out[bands] = model.upscale(rgb, scale).mean(axis=0, keepdims=True)
-        if strength:
-            out[bands] = project(out[bands], x[bands], strength)
+        if strength or chroma:
+            out[bands] = project(out[bands], x[bands], strength, chroma if len(bands) == 3 else None)
     return out
 
 

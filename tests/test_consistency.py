@@ -40,6 +40,58 @@ def test_projection_makes_the_output_agree_with_its_input():
         project(sr, lr, 1.5)
 
 
+def test_projection_can_give_luma_and_colour_their_own_strengths():
+    from geosr.models.consistency import _YCBCR
+
+    rng = np.random.default_rng(3)
+    lr = rng.uniform(0, 1, (3, 16, 20))
+    sr = rng.uniform(0, 1, (3, 64, 80)).astype(np.float32)
+    ycc = lambda a: np.einsum("ij,jhw->ihw", _YCBCR, downscale(a, (16, 20)))  # noqa: E731
+    before = ycc(sr) - np.einsum("ij,jhw->ihw", _YCBCR, lr)
+    luma_only = project(sr, lr, 1.0, chroma=0.0)
+    after = ycc(luma_only) - np.einsum("ij,jhw->ihw", _YCBCR, lr)
+    assert np.abs(after[0]).max() < 1e-4 < np.abs(before[0]).max()  # the luma agrees with the input
+    assert np.allclose(after[1:], before[1:], atol=1e-4)  # the colour is left as it was
+    mixed = project(sr, lr, 0.5, chroma=0.2)
+    after = ycc(mixed) - np.einsum("ij,jhw->ihw", _YCBCR, lr)
+    assert np.allclose(after[0], 0.5 * before[0], atol=1e-4) and np.allclose(after[1:], 0.8 * before[1:], atol=1e-4)
+    assert np.allclose(project(sr, lr, 0.5, chroma=0.5), project(sr, lr, 0.5), atol=1e-6)
+    assert project(sr, lr, 0.0, chroma=0.0) is sr
+    with pytest.raises(ValueError):
+        project(sr[:1], lr[:1], 0.5, chroma=0.0)  # colour needs three bands
+    with pytest.raises(ValueError):
+        project(sr, lr, 0.5, chroma=-0.1)
+
+
+class LumaFirst(SRModel):
+    """nearest x4 whose own projection default is luma only (as a model with ``default_chroma_consistency``)."""
+
+    name, channels, scales, receptive_field, default_tile = "luma-first", 3, (4,), 1, 64
+    consistency = default_consistency = 1.0
+    chroma_consistency = default_chroma_consistency = 0.0
+
+    def upscale(self, x, scale):
+        return np.repeat(np.repeat(x, scale, 1), scale, 2) + np.array([0.1, 0.0, -0.1], dtype=np.float32)[:, None, None]
+
+
+def test_the_engine_uses_a_models_colour_strength_unless_the_user_gives_one(monkeypatch):
+    from geosr import models
+
+    model = LumaFirst()
+    monkeypatch.setitem(models._registry("cpu"), model.name, model)
+    rng = np.random.default_rng(4)
+    lr = np.clip(rng.normal(128, 30, (3, 32, 32)), 0, 255).astype(np.uint8)
+    own = enhance_array(lr, EnhanceConfig(model=model.name, scale=4)).astype(np.float64)
+    assert model.chroma_consistency == 0.0
+    users = enhance_array(lr, EnhanceConfig(model=model.name, scale=4, consistency=1.0)).astype(np.float64)
+    assert model.chroma_consistency is None  # the user's strength applies to every band
+    tint = lambda a: a[0].mean() - a[2].mean()  # noqa: E731
+    assert tint(own) - tint(lr.astype(np.float64)) > 30  # the invented colour stays: only the luma was projected
+    assert abs(tint(users) - tint(lr.astype(np.float64))) < 2  # projected in full, the colour is the input's
+    luma = lambda a: np.einsum("j,jhw->hw", [0.299, 0.587, 0.114], a)  # noqa: E731
+    assert abs(luma(own).mean() - luma(lr.astype(np.float64)).mean()) < 1
+
+
 def test_engine_applies_consistency_per_tile():
     rng = np.random.default_rng(2)
     lr = np.clip(rng.normal(128, 40, (3, 40, 40)), 0, 255).astype(np.uint8)

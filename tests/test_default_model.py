@@ -106,9 +106,15 @@ def test_the_default_chooses_between_two_trained_networks_committed_and_listed(r
     with safe_open(str(WEIGHTS_JPEG), framework="pt") as f:
         meta = f.metadata()
     assert json.loads(meta["config"])["damaged_only"] is True and int(meta["pairs"]) < 188
-    assert jpeg.consistency == 0.35
-    # its candidates: aerial-x4-fusion's, with Real-ESRGAN halfway to its aerial fine-tuning in place of Real-ESRGAN
-    assert jpeg.experts == ("rrdn-gan", "rrdn-aerial", "realesrgan-aerial")
+    # its projection corrects half of the luma's disagreement and none of the colour's; colour detail on half the grid
+    assert (jpeg.consistency, jpeg.chroma_consistency, jpeg.chroma_factor) == (0.5, 0.0, 2)
+    jpeg.configure(EnhanceConfig(model="aerial-x4-jpeg", consistency=0.3))  # the user's strength: every band
+    assert (jpeg.consistency, jpeg.chroma_consistency) == (0.3, None)
+    jpeg.configure(EnhanceConfig(model="aerial-x4-jpeg"))
+    assert (jpeg.consistency, jpeg.chroma_consistency) == (0.5, 0.0)
+    # its candidates: aerial-x4-fusion's, with Real-ESRGAN halfway to its aerial fine-tuning, run on two turned views
+    # of the input, in place of Real-ESRGAN
+    assert jpeg.experts == ("rrdn-gan", "rrdn-aerial", "realesrgan-aerial-2v")
     assert set(get_model("aerial-x4-fusion").experts) - set(jpeg.experts) == {"realesrgan-x4plus"}
 
 
@@ -177,7 +183,8 @@ def test_the_tuned_real_esrgan_is_committed_in_int8_and_runs_halfway(run_cli):
     assert (recipe["base"], recipe["p_clean"], recipe["p_light"], recipe["steps"]) == ("realesrgan-x4plus", 0.3, 0.5,
                                                                                        500)
     assert model.interpolation == RESR_INTERPOLATION == 0.5
-    assert "realesrgan-aerial" in get_model("aerial-x4-jpeg").experts  # a candidate of the compressed route
+    two = get_model("realesrgan-aerial-2v")  # a candidate of the compressed route: the model on two turned views
+    assert two.base is model and two.name in get_model("aerial-x4-jpeg").experts
     proc = run_cli("models")
     assert proc.returncode == 0 and "geosr-trained:realesrgan-aerial-delta" in proc.stdout
     model.prepare()

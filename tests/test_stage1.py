@@ -310,3 +310,35 @@ def test_the_ssim_weight_can_differ_on_clean_pairs(tmp_path):
     # a clean weight equal to the others' trains the same network (up to the order of the mean), another does not
     assert all(torch.allclose(runs[0][k], runs[1][k], atol=1e-6) for k in runs[0])
     assert any(not torch.allclose(runs[0][k], runs[2][k]) for k in runs[0])
+
+
+def test_the_lr_consistency_term_is_the_benchmarks_downscale_and_changes_training(tmp_path):
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from geosr.training.stage1 import Stage1Config, lr_disagreement, train_fusion
+
+    rng = np.random.default_rng(6)
+    hr = rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    lr = np.asarray(Image.fromarray(hr).resize((10, 12), Image.BICUBIC))  # PIL's antialiased bicubic, as LRC's
+    t = lambda x: torch.from_numpy(np.moveaxis(x, -1, 0)[None].astype(np.float32) / 255)  # noqa: E731
+    agree = float(lr_disagreement(t(hr), t(lr)))
+    assert agree < 0.6 / 255  # PIL rounds to 8 bits; nothing else differs
+    off = t(hr).clone().requires_grad_(True)
+    worse = lr_disagreement(off + 0.1, t(lr))
+    assert float(worse.detach()) == pytest.approx(0.1, abs=1e-3)  # a uniform shift survives the downscale whole
+    worse.backward()
+    assert off.grad is not None and float(off.grad.abs().sum()) > 0  # differentiable
+
+    _write_pairs(tmp_path / "pairs", 3)
+    cfg = {"steps": 3, "batch": 2, "train_crop": 32, "features": 8, "blocks": 1, "lpips_weight": 0.0}
+    runs = []
+    for weight in (0.0, 5.0):
+        folder = tmp_path / str(weight)
+        (folder / "pairs").mkdir(parents=True)
+        for p in (tmp_path / "pairs").glob("*.npz"):
+            (folder / "pairs" / p.name).write_bytes(p.read_bytes())
+        train_fusion(folder, Stage1Config(**cfg, lrc_weight=weight))
+        runs.append(load_file(str(folder / "fusion.safetensors")))
+    assert any(not torch.allclose(runs[0][k], runs[1][k]) for k in runs[0])
+    assert all(bool(torch.isfinite(v).all()) for v in runs[1].values())

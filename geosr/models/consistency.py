@@ -26,6 +26,11 @@ def _bicubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
     return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
 
 
+# BT.601 full-range RGB -> (Y, Cb, Cr), on values in [0, 1]
+_YCBCR = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+_RGB = np.linalg.inv(_YCBCR)
+
+
 @lru_cache(maxsize=64)
 def resample_matrix(n_in: int, n_out: int) -> np.ndarray:
     """``(n_out, n_in)`` float64 matrix of PIL's antialiased bicubic resize along one axis (``Image.resize``
@@ -60,24 +65,31 @@ def downscale(x: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.einsum("ih,chw,jw->cij", rh, x.astype(np.float64, copy=False), rw, optimize=True)
 
 
-def project(sr: np.ndarray, lr: np.ndarray, strength: float = 1.0) -> np.ndarray:
+def project(sr: np.ndarray, lr: np.ndarray, strength: float = 1.0, chroma: float | None = None) -> np.ndarray:
     """``sr`` ``(C, H, W)`` moved towards agreement with ``lr`` ``(C, h, w)``; same dtype as ``sr`` (float).
 
-    ``strength`` in [0, 1]: 0 returns ``sr``; 1 makes ``downscale(result, (h, w))`` equal ``lr``."""
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"consistency strength must be in [0, 1], not {strength}")
-    if strength == 0.0:
+    ``strength`` in [0, 1]: 0 returns ``sr``; 1 makes ``downscale(result, (h, w))`` equal ``lr``. ``chroma``: for a
+    3-band (RGB) image, the strength for its colour (BT.601 Cb, Cr), ``strength`` then being its luma's; None:
+    ``strength`` for everything. The correction is linear, so luma and colour can take different shares of it."""
+    for s in (strength, 0.0 if chroma is None else chroma):
+        if not 0.0 <= s <= 1.0:
+            raise ValueError(f"consistency strength must be in [0, 1], not {s}")
+    if chroma is not None and sr.shape[0] != 3:
+        raise ValueError(f"a separate colour strength needs 3 bands (RGB), got {sr.shape[0]}")
+    if chroma == strength:
+        chroma = None
+    if strength == 0.0 and not chroma:
         return sr
     h, w = lr.shape[-2:]
     H, W = sr.shape[-2:]
     residual = lr.astype(np.float64) - downscale(sr, (h, w))
     correction = np.einsum("hi,cij,wj->chw", _pinv(H, h), residual, _pinv(W, w), optimize=True)
-    return (sr + strength * correction).astype(sr.dtype, copy=False)
-
-
-# BT.601 full-range RGB -> (Y, Cb, Cr), on values in [0, 1]
-_YCBCR = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
-_RGB = np.linalg.inv(_YCBCR)
+    if chroma is None:
+        return (sr + strength * correction).astype(sr.dtype, copy=False)
+    ycc = np.einsum("ij,jhw->ihw", _YCBCR, correction)
+    ycc[0] *= strength
+    ycc[1:] *= chroma
+    return (sr + np.einsum("ij,jhw->ihw", _RGB, ycc)).astype(sr.dtype, copy=False)
 
 
 def limit_chroma(x: np.ndarray, factor: int) -> np.ndarray:

@@ -127,9 +127,11 @@ def load_net(path: str | Path) -> FusionNet:
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 WEIGHTS = CHECKPOINTS / "aerial-fusion-x4.safetensors"  # committed: aerial-x4-fusion (three candidates, SSIM-Y term)
 # committed: the same recipe trained on the damaged pairs only (Stage1Config.damaged_only), what aerial-x4 runs on
-# JPEG-compressed input; its projection strength (0.35) keeps the real crops' LR-consistency above 38 dB
+# JPEG-compressed input. Its projection corrects the luma alone, by half, which keeps the real crops' LR-consistency
+# above 38 dB: the input's colour is JPEG's subsampled, noisy chroma, and following it cost LPIPS (MODEL_CARD.md,
+# sixth release). Its colour detail is kept to half the output grid
 WEIGHTS_JPEG = CHECKPOINTS / "aerial-fusion-x4-jpeg.safetensors"
-JPEG_CONSISTENCY = 0.35
+JPEG_CONSISTENCY, JPEG_CHROMA_CONSISTENCY, JPEG_CHROMA_FACTOR = 0.5, 0.0, 2
 # committed: the second release (two candidates, the default before this one), kept as `aerial-x4-v2`
 WEIGHTS_V2 = CHECKPOINTS / "aerial-fusion-x4-v2.safetensors"
 # committed: the first release (L1 + 0.5 LPIPS), kept as `aerial-x4-v1` because mmsr-aerial-x4 was trained over it
@@ -157,14 +159,16 @@ class FusionSR(SRModel):
 
     def __init__(self, *, device: str = "cpu", path: Path | None = None, name: str | None = None,
                  description: str | None = None, consistency: float | None = None, chroma_factor: int = CHROMA_FACTOR,
-                 x2: FusionSR | None = None):
+                 x2: FusionSR | None = None, chroma_consistency: float | None = None):
         """``x2``: the model that runs ``scale=2`` for this x4 one (a x2 network's FusionSR); without it, x2 is the
-        x4 output brought down by the antialiased bicubic of the LR-consistency projection."""
+        x4 output brought down by the antialiased bicubic of the LR-consistency projection. ``consistency`` and
+        ``chroma_consistency``: the projection's default strengths (:class:`SRModel`)."""
         self.device = device
         self.chroma_factor = chroma_factor
         self.x2 = x2
         if consistency is not None:
             self.consistency = self.default_consistency = consistency
+        self.chroma_consistency = self.default_chroma_consistency = chroma_consistency
         self.path = Path(path) if path is not None else WEIGHTS
         if name is not None:
             self.name = name
@@ -198,7 +202,7 @@ class FusionSR(SRModel):
         delegate = self._delegate(getattr(config, "scale", SCALE))
         if delegate is not None:  # the engine projects with the strength chosen for the network that runs
             delegate.configure(config)
-            self.consistency = delegate.consistency
+            self.consistency, self.chroma_consistency = delegate.consistency, delegate.chroma_consistency
 
     def _expert_models(self) -> list[SRModel]:
         from . import get_model

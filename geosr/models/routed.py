@@ -61,6 +61,7 @@ class RoutedSR(SRModel):
         self._scale = int(getattr(config, "scale", 4))
         self.route = self.evidence = None
         self.consistency = self._model(self._scale).consistency
+        self.chroma_consistency = self._model(self._scale).chroma_consistency
 
     def weights_present(self) -> bool:
         return all(m.weights_present() for m in self.routes.values())
@@ -101,7 +102,7 @@ class RoutedSR(SRModel):
                     sample: np.ndarray | None = None) -> None:
         self.route = self.choose(sample if sample is not None else overview)
         model = self._model(self._scale)
-        self.consistency = model.consistency
+        self.consistency, self.chroma_consistency = model.consistency, model.chroma_consistency
         log.info("%s: %s", self.name, self.route_note)
         model.begin_scene(overview, gsd=gsd, grid=grid, sample=sample)
 

@@ -50,6 +50,10 @@ class Stage1Config:
     # apart); None: ssim_weight on every pair
     ssim_weight_clean: float | None = None
     damaged_only: bool = False  # train on the pairs with damage only (a network that never sees clean input)
+    # weight of the LR-consistency term: the L1 between the output downscaled as the benchmark's LRC does it (PIL's
+    # antialiased bicubic) and the LR it was given, away from the crop's border. The network then learns to agree
+    # with its input in the way that costs it least, instead of leaving all of it to the projection after it
+    lrc_weight: float = 0.0
     features: int = 64
     blocks: int = 6
     residual: bool = True  # False: the network only mixes the candidates (no correction of its own)
@@ -232,6 +236,8 @@ def train_fusion(out: str | Path, cfg: Stage1Config, progress=None, init: str | 
             loss = loss + (w * (1 - ssim_luma(pred, h, per_sample=True))).mean()
         elif cfg.ssim_weight:
             loss = loss + cfg.ssim_weight * (1 - ssim_luma(pred, h))
+        if cfg.lrc_weight:
+            loss = loss + cfg.lrc_weight * lr_disagreement(pred, low)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -252,6 +258,23 @@ def train_fusion(out: str | Path, cfg: Stage1Config, progress=None, init: str | 
             progress(step, cfg.steps)
     log_path.close()
     return _save(net, cfg, done + cfg.steps, n, out / "fusion.safetensors")
+
+
+def lr_disagreement(sr, lr, border: int = 2):
+    """Mean absolute difference between ``sr`` ``(B, 3, H, W)`` downscaled to ``lr``'s grid as the benchmark's LRC
+    does it (:func:`geosr.models.consistency.resample_matrix`, PIL's antialiased bicubic) and ``lr`` ``(B, 3, h, w)``,
+    leaving out ``border`` LR px on each side (there the crop's downscale sees less than the LR's did);
+    differentiable."""
+    import torch
+
+    from ..models.consistency import resample_matrix
+
+    h, w = lr.shape[-2:]
+    rh = torch.tensor(resample_matrix(sr.shape[-2], h)).to(sr)
+    rw = torch.tensor(resample_matrix(sr.shape[-1], w)).to(sr)
+    down = torch.einsum("ih,bchw,jw->bcij", rh, sr, rw)
+    b = min(border, (min(h, w) - 1) // 2)  # a small crop keeps its middle
+    return (down - lr)[..., b:h - b, b:w - b].abs().mean()
 
 
 def ssim_luma(a, b, win: int = 7, per_sample: bool = False):
