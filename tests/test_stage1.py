@@ -282,10 +282,23 @@ def test_damaged_only_trains_on_the_damaged_pairs_alone(tmp_path):
         assert f.metadata()["pairs"] == "5"
 
 
-def test_the_ssim_weight_can_differ_on_clean_pairs(tmp_path):
+def _train_on_a_copy(tmp_path, name, cfg):
+    """Train a fusion network with ``cfg`` on a copy of ``tmp_path/pairs`` in ``tmp_path/name``; its tensors."""
     from safetensors.torch import load_file
 
-    from geosr.training.stage1 import Stage1Config, _load_pairs, ssim_luma, train_fusion
+    from geosr.training.stage1 import train_fusion
+
+    folder = tmp_path / name
+    (folder / "pairs").mkdir(parents=True)
+    for p in (tmp_path / "pairs").glob("*.npz"):
+        (folder / "pairs" / p.name).write_bytes(p.read_bytes())
+    train_fusion(folder, cfg)
+    return load_file(str(folder / "fusion.safetensors"))
+
+
+def test_the_ssim_weight_can_differ_on_clean_pairs(tmp_path):
+
+    from geosr.training.stage1 import Stage1Config, _load_pairs, ssim_luma
 
     rng = np.random.default_rng(5)
     a, b = torch.from_numpy(rng.random((3, 3, 20, 20))), torch.from_numpy(rng.random((3, 3, 20, 20)))
@@ -301,12 +314,7 @@ def test_the_ssim_weight_can_differ_on_clean_pairs(tmp_path):
            "ssim_weight": 0.6}
     runs = []
     for clean_weight in (None, 0.6, 0.0):
-        folder = tmp_path / str(clean_weight)
-        (folder / "pairs").mkdir(parents=True)
-        for p in (tmp_path / "pairs").glob("*.npz"):
-            (folder / "pairs" / p.name).write_bytes(p.read_bytes())
-        train_fusion(folder, Stage1Config(**cfg, ssim_weight_clean=clean_weight))
-        runs.append(load_file(str(folder / "fusion.safetensors")))
+        runs.append(_train_on_a_copy(tmp_path, str(clean_weight), Stage1Config(**cfg, ssim_weight_clean=clean_weight)))
     # a clean weight equal to the others' trains the same network (up to the order of the mean), another does not
     assert all(torch.allclose(runs[0][k], runs[1][k], atol=1e-6) for k in runs[0])
     assert any(not torch.allclose(runs[0][k], runs[2][k]) for k in runs[0])
@@ -314,9 +322,8 @@ def test_the_ssim_weight_can_differ_on_clean_pairs(tmp_path):
 
 def test_the_lr_consistency_term_is_the_benchmarks_downscale_and_changes_training(tmp_path):
     from PIL import Image
-    from safetensors.torch import load_file
 
-    from geosr.training.stage1 import Stage1Config, lr_disagreement, train_fusion
+    from geosr.training.stage1 import Stage1Config, lr_disagreement
 
     rng = np.random.default_rng(6)
     hr = rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)
@@ -334,11 +341,6 @@ def test_the_lr_consistency_term_is_the_benchmarks_downscale_and_changes_trainin
     cfg = {"steps": 3, "batch": 2, "train_crop": 32, "features": 8, "blocks": 1, "lpips_weight": 0.0}
     runs = []
     for weight in (0.0, 5.0):
-        folder = tmp_path / str(weight)
-        (folder / "pairs").mkdir(parents=True)
-        for p in (tmp_path / "pairs").glob("*.npz"):
-            (folder / "pairs" / p.name).write_bytes(p.read_bytes())
-        train_fusion(folder, Stage1Config(**cfg, lrc_weight=weight))
-        runs.append(load_file(str(folder / "fusion.safetensors")))
+        runs.append(_train_on_a_copy(tmp_path, str(weight), Stage1Config(**cfg, lrc_weight=weight)))
     assert any(not torch.allclose(runs[0][k], runs[1][k]) for k in runs[0])
     assert all(bool(torch.isfinite(v).all()) for v in runs[1].values())
