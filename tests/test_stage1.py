@@ -297,7 +297,6 @@ def _train_on_a_copy(tmp_path, name, cfg):
 
 
 def test_the_ssim_weight_can_differ_on_clean_pairs(tmp_path):
-
     from geosr.training.stage1 import Stage1Config, _load_pairs, ssim_luma
 
     rng = np.random.default_rng(5)
