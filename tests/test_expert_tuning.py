@@ -136,3 +136,32 @@ def test_an_int8_difference_is_added_back_with_its_scales(tmp_path):
     save_file(load_file(str(q)), str(tmp_path / "bad.safetensors"), metadata=meta)  # the scales lost
     with pytest.raises(WeightsError, match="without their scales"):
         _tuned(tmp_path, tmp_path / "bad.safetensors").prepare()
+
+
+@needs_rrdn
+@pytest.mark.skipif(not TRAIN.is_dir(), reason=f"training data not found at {TRAIN} (GEOSR_DATA)")
+def test_tune_expert_can_continue_from_a_committed_tuned_network(tmp_path):
+    from safetensors.torch import load_file
+
+    from geosr.errors import ConfigError
+    from geosr.models import tfjs
+    from geosr.training.expert import ExpertConfig, tune_expert
+
+    start = get_model("rrdn-aerial")
+    start.prepare()
+    started = {k: v.clone() for k, v in start._net.state_dict().items()}
+    base = tfjs.load(get_model("rrdn-gan").path).state_dict()
+    cfg = ExpertConfig(data=str(TRAIN), steps=1, batch=2, crop=32, pool=4, holdout=2, log_every=1, lr=1e-6,
+                       start="rrdn-aerial")
+    delta = load_file(str(tune_expert(tmp_path / "run", cfg)))
+    # the written difference is still from the registry's weights, and it carries the start's own difference
+    start_delta = {k: started[k] - base[k] for k in base}
+    big = max(start_delta, key=lambda k: float(start_delta[k].abs().max()))
+    assert float(start_delta[big].abs().max()) > 1e-3
+    for k in base:  # one step at lr 1e-6 moves a weight by about 1e-6; float16 rounds to 1e-3 of the value
+        tol = 2e-5 + 2e-3 * float(start_delta[k].abs().max())
+        assert float((delta[k].float() - start_delta[k]).abs().max()) <= tol, k
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert all(0 < e["holdout_ssim_y"] <= 1 for e in log)
+    with pytest.raises(ConfigError, match="not a network tuned from 'rrdn-gan'"):
+        tune_expert(tmp_path / "bad", ExpertConfig(data=str(TRAIN), steps=1, start="realesrgan-aerial"))

@@ -3,7 +3,7 @@
 RRDN-GAN (idealo, DIV2K) was never shown noise or JPEG: on damaged aerial inputs it sharpens the blocks
 (``shared/BENCHMARK.md``: LPIPS 0.40 on the ``real`` crops). :func:`tune_expert` continues its training on HR crops
 of ``data/train`` degraded as the stage-1 pairs are (:func:`geosr.training.stage1.sample_degradation`, in the mix
-``p_clean`` / ``p_light``), for L1 + ``lpips_weight`` · LPIPS (+ ``ssim_weight`` · (1 − SSIM-Y), + ``gan_weight`` ·
+``p_clean`` / ``p_light``; from ``base``'s registry weights, or from an earlier tuned network ``start``), for L1 + ``lpips_weight`` · LPIPS (+ ``ssim_weight`` · (1 − SSIM-Y), + ``gan_weight`` ·
 the GAN loss of :mod:`geosr.training.adversarial`'s patch discriminator), and writes the tuned tensors *minus* the
 registry's, in half precision, as a safetensors file. That file is useless without the registry package, which is
 how third-party weights stay out of the repository; :class:`geosr.models.networks.TunedSR` adds it back at load
@@ -48,6 +48,7 @@ class ExpertConfig:
     gan_weight: float = 0.0  # > 0: + that times the non-saturating GAN loss of a patch discriminator trained alongside
     d_lr: float = 1e-4  # the discriminator's Adam learning rate (constant)
     by_source: bool = False  # True: every source folder of ``data`` gives crops equally often (data.CropSampler)
+    start: str = ""  # a registry TunedSR over ``base`` (e.g. "realesrgan-aerial"): training continues from its network
     seed: int = 11
 
 
@@ -89,6 +90,15 @@ def tune_expert(out: str | Path, cfg: ExpertConfig, progress=None) -> Path:
         raise WeightsError(f"{cfg.base}: weights not found at {base.path}; run 'geosr weights fetch'")
     net = importlib.import_module(base.module).load(base.path)  # a private copy: the shared one stays frozen
     base_state = {k: v.clone() for k, v in net.state_dict().items()}
+    if cfg.start:
+        from ..models.networks import TunedSR
+
+        start = get_model(cfg.start)
+        if not isinstance(start, TunedSR) or start.path != base.path:
+            raise ConfigError(f"ExpertConfig.start={cfg.start!r}: not a network tuned from {cfg.base!r}")
+        start._check_weights()
+        net = start._load("cpu")  # its own copy: base + interpolation x its difference
+    # the difference written at the end is from the base, so it includes the start's
     net.requires_grad_(True).train()
     lpips = LPIPS.from_file(weights_dir() / FILENAME)
     degradations = Stage1Config(scale=4, p_clean=cfg.p_clean, p_light=cfg.p_light)
@@ -107,7 +117,8 @@ def tune_expert(out: str | Path, cfg: ExpertConfig, progress=None) -> Path:
         with torch.no_grad():
             sr = torch.cat([net(held[0][i:i + 8]) for i in range(0, len(held_hr), 8)]).clamp(0, 1)
             result = {"holdout_l1": float((sr - held[1]).abs().mean()),
-                      "holdout_lpips": float(lpips(sr * 2 - 1, held[1] * 2 - 1).mean())}
+                      "holdout_lpips": float(lpips(sr * 2 - 1, held[1] * 2 - 1).mean()),
+                      "holdout_ssim_y": float(ssim_luma(sr, held[1]))}
         net.train()
         return result
 
