@@ -3,11 +3,13 @@
 RRDN-GAN (idealo, DIV2K) was never shown noise or JPEG: on damaged aerial inputs it sharpens the blocks
 (``shared/BENCHMARK.md``: LPIPS 0.40 on the ``real`` crops). :func:`tune_expert` continues its training on HR crops
 of ``data/train`` degraded as the stage-1 pairs are (:func:`geosr.training.stage1.sample_degradation`, in the mix
-``p_clean`` / ``p_light``; from ``base``'s registry weights, or from an earlier tuned network ``start``), for L1 + ``lpips_weight`` · LPIPS (+ ``ssim_weight`` · (1 − SSIM-Y), + ``gan_weight`` ·
+``p_clean`` / ``p_light``), for L1 + ``lpips_weight`` · LPIPS (+ ``ssim_weight`` · (1 − SSIM-Y), + ``gan_weight`` ·
 the GAN loss of :mod:`geosr.training.adversarial`'s patch discriminator), and writes the tuned tensors *minus* the
-registry's, in half precision, as a safetensors file. That file is useless without the registry package, which is
-how third-party weights stay out of the repository; :class:`geosr.models.networks.TunedSR` adds it back at load
-time, after checking it was computed against the same base tensors.
+registry's, in half precision, as a safetensors file. Training starts from the registry's weights, or from an
+earlier tuned network (``start``); either way the file holds the difference from the registry's weights. That file
+is useless without the registry package, which is how third-party weights stay out of the repository;
+:class:`geosr.models.networks.TunedSR` adds it back at load time, after checking it was computed against the same
+base tensors.
 
 Example::
 
@@ -97,8 +99,7 @@ def tune_expert(out: str | Path, cfg: ExpertConfig, progress=None) -> Path:
         if not isinstance(start, TunedSR) or start.path != base.path:
             raise ConfigError(f"ExpertConfig.start={cfg.start!r}: not a network tuned from {cfg.base!r}")
         start._check_weights()
-        net = start._load("cpu")  # its own copy: base + interpolation x its difference
-    # the difference written at the end is from the base, so it includes the start's
+        net = start._load("cpu")  # its own copy: base + interpolation x its difference, written back in the end
     net.requires_grad_(True).train()
     lpips = LPIPS.from_file(weights_dir() / FILENAME)
     degradations = Stage1Config(scale=4, p_clean=cfg.p_clean, p_light=cfg.p_light)
