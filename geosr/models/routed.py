@@ -60,8 +60,8 @@ class RoutedSR(SRModel):
             m.configure(config)
         self._scale = int(getattr(config, "scale", 4))
         self.route = self.evidence = None
-        self.consistency = self._model(self._scale).consistency
-        self.chroma_consistency = self._model(self._scale).chroma_consistency
+        model = self._model(self._scale)
+        self.consistency, self.chroma_consistency = model.consistency, model.chroma_consistency
 
     def weights_present(self) -> bool:
         return all(m.weights_present() for m in self.routes.values())
