@@ -51,6 +51,7 @@ def main(argv=None) -> None:
     from geosr.config import EnhanceConfig
     from geosr.models import get_model
     from geosr.models.consistency import project
+    from geosr.models.routed import RoutedSR
     from geosr.scoring.lpips import lpips_distance
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -62,6 +63,9 @@ def main(argv=None) -> None:
     filters = _parse_filters(args.filters)
 
     model = get_model(args.model)
+    if isinstance(model, RoutedSR):  # its projection is the route's, chosen per scene; this script needs one
+        routes = " or ".join(m.name for m in model.routes.values())
+        raise SystemExit(f"--model {args.model} picks a network per scene: pass that network instead ({routes})")
     strength, chroma = model.default_consistency, model.default_chroma_consistency
     crops = bench.load_crops()
     lrs = [bench.degrade(hr, args.degradation, i) for i, hr in enumerate(crops)]

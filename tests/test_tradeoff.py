@@ -36,3 +36,8 @@ def test_luma_unsharp_with_no_amount_is_the_input_and_bad_filters_are_refused():
     for bad in ("0.5", "x:1", "0:0.3"):
         with pytest.raises(SystemExit, match="--filters"):
             tradeoff._parse_filters(bad)
+
+
+def test_a_routed_model_is_refused_with_the_networks_to_pass_instead():
+    with pytest.raises(SystemExit, match="aerial-x4-jpeg"):
+        tradeoff.main(["--model", "aerial-x4"])
